@@ -1,0 +1,1 @@
+"""Distil heads from a frozen target (accelerate launch train/distill.py)."""
