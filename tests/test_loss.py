@@ -1,0 +1,166 @@
+"""The chunked fused output layer + loss against a float64 autograd reference: loss and both gradients."""
+
+import pytest
+import torch
+
+from speculators.train.loss import IGNORE_INDEX, SoftTargets, fused_linear_loss, reference_loss
+
+N, D, V = 37, 16, 53
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def make(seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w = torch.randn(V, D, generator=g) / D**0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    if ignore:
+        y[::5] = IGNORE_INDEX
+    t = 2 * torch.randn(N, V, generator=g)
+    return x, w, y, t
+
+
+def check(x, w, y, t, alpha, soft_kind="logits", chunk=8, tol=1e-5, dtype=torch.float32):
+    xf, wf = x.clone().to(dtype).requires_grad_(), w.clone().to(dtype).requires_grad_()
+    soft = None
+    if t is not None:
+        soft = SoftTargets(logits=t) if soft_kind == "logits" else SoftTargets(hidden=t[0], weight=t[1], scale=t[2])
+    loss, _ = fused_linear_loss(xf, wf, y, soft, alpha=alpha, chunk_size=chunk)
+    loss.backward()
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    teacher = None if t is None else (t if soft_kind == "logits" else (t[0].double() @ t[1].double().t()) * t[2])
+    ref = reference_loss(xr, wr, y, teacher, alpha=alpha)
+    ref.backward()
+    assert rel(loss.detach(), ref.detach()) < tol
+    assert rel(xf.grad, xr.grad) < tol
+    assert rel(wf.grad, wr.grad) < tol
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 1000])
+def test_cross_entropy_with_ignored_labels(chunk):
+    x, w, y, _ = make()
+    check(x, w, y, None, alpha=0.0, chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_kl_to_teacher_logits(chunk):
+    x, w, _, t = make(1)
+    check(x, w, None, t, alpha=1.0, chunk=chunk)
+
+
+def test_mix_of_hard_and_soft():
+    x, w, y, t = make(2)
+    check(x, w, y, t, alpha=0.3)
+
+
+def test_kl_teacher_from_hidden_and_draft_rows():
+    # Teacher logits computed per chunk from hidden states and the draft rows of the target's lm_head.
+    x, w, _, _ = make(3)
+    g = torch.Generator().manual_seed(7)
+    E, Vt = 12, 90
+    h, lm_head = torch.randn(N, E, generator=g), torch.randn(Vt, E, generator=g)
+    draft = torch.randperm(Vt, generator=g)[:V]
+    check(x, w, None, (h, lm_head[draft], 0.5), alpha=1.0, soft_kind="hidden")
+
+
+def test_draft_vocab_labels_outside_are_ignored():
+    # Out-of-draft labels are mapped to IGNORE_INDEX by the caller; the loss is CE over the remaining ones.
+    x, w, y, _ = make(4, ignore=False)
+    y_draft = torch.where(y < V // 2, y, IGNORE_INDEX)
+    check(x, w, y_draft, None, alpha=0.0)
+
+
+def test_all_labels_ignored_gives_zero_loss_and_grads():
+    x, w, _, _ = make(5)
+    y = torch.full((N,), IGNORE_INDEX)
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, n_correct = fused_linear_loss(xf, wf, y, chunk_size=8)
+    loss.backward()
+    assert loss.item() == 0 and n_correct.item() == 0 and xf.grad.abs().max() == 0 and wf.grad.abs().max() == 0
+
+
+def test_n_correct_counts_argmax_hits_and_grad_scales():
+    x, w, y, _ = make(6)
+    xf = x.clone().requires_grad_()
+    loss, n_correct = fused_linear_loss(xf, w, y, chunk_size=8)
+    z = x @ w.t()
+    valid = y.ne(IGNORE_INDEX)
+    assert n_correct.item() == (z.argmax(-1).eq(y) & valid).sum().item()
+    (3 * loss).backward()
+    xr = x.double().requires_grad_()
+    (3 * reference_loss(xr, w.double(), y)).backward()
+    assert rel(xf.grad, xr.grad) < 1e-5
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["autocast", "bf16_params"])
+def test_bf16_close_to_float64(device, mode):
+    # The GPU paths: fp32 heads under bf16 autocast (DDP), or bf16 weights (FSDP2 / DeepSpeed compute copies);
+    # bf16 matmuls with fp32 accumulation, fp32 softmax. Relative error at bf16 level.
+    x, w, y, t = make(8)
+    x, w, y, t = x.to(device), w.to(device), y.to(device), t.to(device)
+    dtype = torch.float32 if mode == "autocast" else torch.bfloat16
+    xf, wf = x.clone().to(dtype).requires_grad_(), w.clone().to(dtype).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast"):
+        loss, _ = fused_linear_loss(xf, wf, y, SoftTargets(logits=t.bfloat16()), alpha=0.5, chunk_size=8)
+    loss.backward()
+    assert wf.grad.dtype == dtype and xf.grad.dtype == dtype
+    xr, wr = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
+    ref = reference_loss(xr, wr, y.cpu(), t.bfloat16().double().cpu(), alpha=0.5)
+    ref.backward()
+    assert rel(loss.detach().cpu(), ref.detach()) < 2e-2
+    assert rel(xf.grad.cpu(), xr.grad) < 3e-2 and rel(wf.grad.cpu(), wr.grad) < 3e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_realistic_shapes_kl_from_hidden_bf16(device):
+    # A 152k-vocabulary-like draft slice at a modest size: the chunked hidden-path KL against float64.
+    g = torch.Generator().manual_seed(11)
+    n, d, e, v = 300, 64, 48, 4096
+    x, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / d**0.5
+    h, lm = torch.randn(n, e, generator=g), torch.randn(v, e, generator=g) / e**0.5
+    xf, wf = x.clone().to(device).requires_grad_(), w.clone().to(device).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        soft = SoftTargets(hidden=h.to(device).bfloat16(), weight=lm.to(device).bfloat16())
+        loss, _ = fused_linear_loss(xf, wf, soft=soft, chunk_size=100)
+    loss.backward()
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = reference_loss(xr, wr, None, h.bfloat16().double() @ lm.bfloat16().double().t(), alpha=1.0)
+    ref.backward()
+    assert rel(loss.detach().cpu(), ref.detach()) < 2e-2
+    assert rel(xf.grad.cpu(), xr.grad) < 3e-2 and rel(wf.grad.cpu(), wr.grad) < 3e-2
+
+
+def test_bad_alpha_and_missing_targets():
+    x, w, y, _ = make()
+    with pytest.raises(ValueError, match="alpha"):
+        fused_linear_loss(x, w, y, alpha=1.5)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_linear_loss(x, w)
+
+
+def test_soft_targets_read_shifted_positions_of_3d_source():
+    # Head i reads the teacher at t + i + 1: a [B, S, V] source with an offset, never a shifted copy.
+    B, S, T, off = 3, 14, 11, 2
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(B * T, D, generator=g), torch.randn(V, D, generator=g) / D**0.5
+    t3 = torch.randn(B, S, V, generator=g)
+    flat = t3[:, off : off + T].reshape(-1, V)
+    for chunk in (4, 11, 100):
+        a, _ = fused_linear_loss(x, w, soft=SoftTargets(logits=t3, offset=off, T=T), chunk_size=chunk)
+        b, _ = fused_linear_loss(x, w, soft=SoftTargets(logits=flat), chunk_size=chunk)
+        assert torch.allclose(a, b, rtol=1e-6)
+
+
+def test_no_grad_eval_gives_same_loss():
+    x, w, y, t = make(10)
+    with torch.no_grad():
+        a, na = fused_linear_loss(x, w, y, SoftTargets(logits=t), alpha=0.5, chunk_size=8)
+    b, nb = fused_linear_loss(x.clone().requires_grad_(), w, y, SoftTargets(logits=t), alpha=0.5, chunk_size=8)
+    assert torch.allclose(a, b.detach()) and na == nb

@@ -1,0 +1,205 @@
+"""The training job end to end on the CPU: the smoke recipe with two processes (DDP over gloo), a kill at any moment
+and `--resume auto` reproducing the uninterrupted run's per-step losses, atomic checkpoints, --push_to_hub without
+network, config errors; plus the acceptance simulator against a brute-force loop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from speculators import MLPSpeculator, MLPSpeculatorConfig
+from speculators.train.acceptance import AcceptanceStats, Tree, accepted_lengths
+from speculators.train.config import ConfigError, TrainConfig, load_config
+from speculators.tree import propose
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def launch(out: Path, *extra: str, env: dict | None = None, wait: bool = True):
+    """The smoke recipe under `accelerate launch` with two CPU processes (torchrun + gloo)."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/cpu-2proc.yaml"),
+        str(ROOT / "train/distill.py"), "--config", str(ROOT / "recipes/smoke-cpu.yaml"),
+        "--output_dir", str(out), "--progress_bar", "false", *extra,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                "MLP_SPECULATORS_CACHE": "off", **(env or {})}
+    kw = dict(cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return subprocess.Popen(cmd, start_new_session=True, **kw)
+    return subprocess.run(cmd, timeout=300, **kw)
+
+
+def losses(out: Path) -> dict[int, list[float]]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
+    by_step = {r["step"]: [r["loss"], *r["head_loss"]] for r in rows}
+    assert len(by_step) == len(rows), "a step was logged twice"
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run, which also asks to push to the Hub with no network."""
+    out = tmp_path_factory.mktemp("ref")
+    t0 = time.time()
+    res = launch(out, "--push_to_hub", "nobody/speculator-test")
+    return out, res, time.time() - t0
+
+
+def test_smoke_run_end_to_end_with_two_processes(reference):
+    out, res, seconds = reference
+    assert "2 process(es), backend ddp" in res.stdout, res.stdout[-3000:]
+    assert seconds < 120, f"smoke recipe took {seconds:.0f}s"
+    heads = MLPSpeculator.from_pretrained(out)
+    assert heads.config.n_predict == 3 and heads.config.draft_vocab_size == 128
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    for key in ("data/chain/tau", "data/tree/tau", "generated/chain/tau", "generated/tree/tau_walk", "data/acc_head0"):
+        assert key in metrics
+    assert metrics["data/tree/tau"] >= metrics["data/chain/tau"] >= 1.0
+    assert (out / "acceptance.png").stat().st_size > 0
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 21))
+    assert sum(steps[20][1:]) < sum(steps[1][1:])  # it learns something
+
+
+def test_push_without_network_fails_clearly_and_keeps_output(reference):
+    out, res, _ = reference
+    assert res.returncode != 0, res.stdout[-3000:]
+    assert "could not push to the Hugging Face Hub repo 'nobody/speculator-test'" in res.stdout
+    assert f"intact in {out}" in res.stdout
+    for name in ("config.json", "model.safetensors", "eval.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert not (out / ".hub-upload").exists()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000015", "step_00000020"]
+
+
+def test_kill_anywhere_then_resume_auto_reproduces_the_losses(reference, tmp_path):
+    ref_out = reference[0]
+    out = tmp_path / "run"
+    # 1. Killed while writing the step-15 checkpoint: a half checkpoint is left behind.
+    res = launch(out, env={"SPECULATORS_TEST_EXIT_DURING_SAVE": "15"})
+    assert res.returncode != 0
+    assert (out / "checkpoints/step_00000015.tmp").is_dir()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir()) if not p.name.endswith(".tmp")] == ["step_00000005", "step_00000010"]
+    # 2. Resume picks step 10 (not the half step 15), and is SIGKILLed at a random moment once step 15 is saved.
+    proc = launch(out, "--resume", "auto", wait=False)
+    deadline = time.time() + 200
+    while not (out / "checkpoints/step_00000015/trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(float(torch.rand(()).item()) * 1.5)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.communicate()[0]
+    assert "[resume] from" in log and "step_00000010" in log, log[-3000:]
+    # 3. Resume again to the end.
+    res = launch(out, "--resume", "auto")
+    assert res.returncode == 0, res.stdout[-3000:]
+    got, want = losses(out), losses(ref_out)
+    assert sorted(got) == sorted(want) == list(range(1, 21))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6, rel=0), f"step {step}"
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'lrr' in the command line \(did you mean 'lr'\?\)"):
+        load_config(["--config", str(ROOT / "recipes/smoke-cpu.yaml"), "--lrr", "1e-3"])
+    with pytest.raises(ConfigError, match="seq_len must be a positive integer"):
+        load_config(["--seq_len", "0"])
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        load_config(["--loss", "l2"])
+
+
+def test_bad_recipe_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: random:llama\nn_predcit: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'n_predcit' in recipe .*bad.yaml \(did you mean 'n_predict'\?\)"):
+        load_config(["--config", str(bad)])
+
+
+def test_cli_overrides_file_overrides_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.01\nmax_steps: 7\nstage2_start_step: 3\n")
+    cfg = load_config(["--config", str(recipe), "--max_steps=9", "--betas", "[0.8, 0.9]", "--push_to_hub", "a/b"])
+    assert (cfg.lr, cfg.max_steps, cfg.betas, cfg.push_to_hub, cfg.stage2_start_step) == (0.01, 9, [0.8, 0.9], "a/b", 3)
+    assert cfg.seq_len == TrainConfig().seq_len
+    assert load_config(["--config", str(recipe), "--stage2_start_step", "null"]).stage2_start_step is None
+
+
+def test_distill_cli_reports_config_errors_without_traceback(capsys):
+    from speculators.train.distill import main
+
+    assert main(["--config", str(ROOT / "recipes/smoke-cpu.yaml"), "--bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'bogus'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    cfg = load_config(["--config", str(recipe)])
+    assert cfg.output_dir and cfg.max_steps > 0
+
+
+def test_config_fields_have_docstrings():
+    source = (ROOT / "train/config.py").read_text()
+    for f in TrainConfig.__dataclass_fields__:
+        block = source.split(f"\n    {f}:", 1)[1].split("\n", 2)
+        assert block[1].strip().startswith('"""'), f"field {f} has no docstring"
+
+
+# ---- the acceptance simulator --------------------------------------------------------------------------------
+
+
+def test_accepted_lengths_match_a_per_position_loop():
+    torch.manual_seed(0)
+    V, E, n = 40, 16, 3
+    heads = MLPSpeculator(MLPSpeculatorConfig(vocab_size=V, emb_dim=E, n_predict=n)).eval()
+    B, S = 2, 12
+    hidden = torch.randn(B, S, E)
+    ids = torch.randint(0, V, (B, S + n + 2))
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :3] = False
+    # Make some references follow the heads' own greedy chain so that acceptance is not always 0.
+    with torch.no_grad():
+        for t in (2, 5):
+            chain = propose(heads, hidden[0, t : t + 1], ids[0, t + 1 : t + 2], [1] * n, 1).tokens[0, 0]
+            ids[0, t + 2 : t + 2 + n] = chain
+    for tree in (Tree("chain", [1] * n, 1), Tree("tree", [3, 2, 2], 4)):
+        got = accepted_lengths(heads, hidden, ids, valid, tree, budget=V * 30)  # several chunks
+        for b in range(B):
+            for t in range(S):
+                if not valid[b, t]:
+                    assert got[b, t] == -1
+                    continue
+                with torch.no_grad():
+                    cand = propose(heads, hidden[b, t : t + 1], ids[b, t + 1 : t + 2], tree.top_k, tree.n_candidates).tokens[0]
+                best = 0
+                for c in cand.tolist():
+                    k = 0
+                    while k < n and c[k] == ids[b, t + 2 + k].item():
+                        k += 1
+                    best = max(best, k)
+                assert got[b, t].item() == best
+        if tree.name == "chain":
+            assert got[0, 2] == n and got[0, 5] == n
+
+
+def test_stats_tau_and_decoder_walk():
+    stats = AcceptanceStats(3)
+    acc = torch.tensor([[2, 0, 1, 3, 0, -1], [1, 1, -1, -1, -1, -1]])
+    stats.add(acc, starts=[0, 0])
+    s = stats.summary("x")
+    assert s["x/tau"] == pytest.approx(1 + 8 / 7)
+    assert s["x/accept_rate_head0"] == pytest.approx(5 / 7)
+    assert s["x/accept_cond_head1"] == pytest.approx(2 / 5)
+    # Walk row 0: t=0 accepts 2 -> t=3 accepts 3 -> t=7 (out): 7 tokens in 2 steps; row 1: t=0 -> t=2 (invalid): 2 in 1.
+    assert s["x/tau_walk"] == pytest.approx(9 / 3)
+    again = AcceptanceStats.from_vector(3, stats.vector())
+    assert again.summary("x") == s

@@ -1,0 +1,140 @@
+"""The target's own text: greedy continuations for the eval, and the stage-2 pool of sampled rows.
+
+Stage 2 (IBM's recipe): after `stage2_start_step` the heads train on what the target itself writes, so they
+learn its distribution rather than the data's. Prompts are cut from training rows (stage2_prompt_len tokens
+each), the target continues them (batched, KV-cached HF generate with the recipe's sampling settings) for a fixed
+stage2_new_tokens (EOS is not allowed to end a row early, so every row has the same length and no padding), and
+the rows are served batch by batch until the pool runs out, then refreshed. The pool and its position are part of
+the checkpoint, so a resumed run trains on exactly the rows the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _generation_config(max_new_tokens: int, pad_id: int, eos_ids, *, sample: bool, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0):
+    """Every sampling field set explicitly: a model's generation_config.json (repetition_penalty, top_k, ...) must
+    not leak into greedy evals or stage-2 sampling."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample,
+        temperature=temperature if sample else 1.0, top_k=(top_k or None) if sample else None,
+        top_p=top_p if sample else 1.0, repetition_penalty=1.0, num_beams=1,
+        pad_token_id=pad_id, eos_token_id=list(eos_ids) if eos_ids else None, use_cache=True,
+    )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, L - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 8,
+                         pad_id: int = 0, eos_ids: Sequence[int] | None = None, synced_gpus: bool = False,
+                         generate=None) -> list[list[int]]:
+    """The target's greedy continuation of every prompt, cut after its first EOS (kept).
+
+    model: a plain causal LM (its device is used); `generate` overrides model.generate (a sharded target's).
+    """
+    generate = generate or model.generate
+    device = next(model.parameters()).device
+    eos = set(eos_ids or [])
+    gc = _generation_config(max_new_tokens, pad_id, eos_ids, sample=False)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s : s + batch_size], pad_id)
+        gen = generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc, synced_gpus=synced_gpus)
+        for row in gen[:, ids.size(1) :].tolist():
+            cut = next((j + 1 for j, tok in enumerate(row) if tok in eos), len(row))
+            out.append(row[:cut])
+    return out
+
+
+class Stage2Pool:
+    """Target-generated training rows [stage2_prompt_len + stage2_new_tokens], refreshed when used up."""
+
+    def __init__(self, cfg, teacher, data, device: torch.device, pad_id: int, eos_ids, rank: int, synced_gpus: bool):
+        self.cfg = cfg
+        self.teacher = teacher
+        self.data = data  # the stage-1 batch iterator: prompts are cut from its rows
+        self.device = device
+        self.pad_id = pad_id
+        self.eos_ids = eos_ids
+        self.rank = rank
+        self.synced_gpus = synced_gpus
+        self.rows: torch.Tensor | None = None  # [R, P + N] on CPU
+        self.cursor = 0
+        self.refreshes = 0
+
+    @property
+    def row_len(self) -> int:
+        return self.cfg.stage2_prompt_len + self.cfg.stage2_new_tokens
+
+    @property
+    def batch_size(self) -> int:
+        cfg = self.cfg
+        return cfg.stage2_batch_size or max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // self.row_len)
+
+    def _prompts(self, count: int) -> torch.Tensor:
+        P, out, have = self.cfg.stage2_prompt_len, [], 0
+        while have < count:
+            rows = next(self.data)  # [B, L]
+            k = rows.size(1) // P
+            if k == 0:
+                raise ValueError(f"stage2_prompt_len = {P} is longer than a training row ({rows.size(1)} tokens)")
+            cut = rows[:, : k * P].reshape(-1, P)
+            out.append(cut)
+            have += cut.size(0)
+        return torch.cat(out)[:count]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        cfg = self.cfg
+        count = cfg.stage2_pool_steps * cfg.grad_accum * self.batch_size
+        prompts = self._prompts(count)
+        sample = cfg.stage2_temperature > 0
+        gc = _generation_config(cfg.stage2_new_tokens, self.pad_id, self.eos_ids, sample=sample,
+                                temperature=cfg.stage2_temperature, top_k=cfg.stage2_top_k, top_p=cfg.stage2_top_p,
+                                min_new_tokens=cfg.stage2_new_tokens)
+        gen_bs = cfg.stage2_gen_batch_size or 4 * self.batch_size
+        devices = [self.device] if self.device.type == "cuda" else []
+        rows = []
+        with torch.random.fork_rng(devices=devices):
+            # Seeded per refresh and rank: sampling does not disturb the run's RNG, and reruns are reproducible.
+            torch.manual_seed(cfg.seed * 1_000_003 + self.refreshes * 1009 + self.rank)
+            for s in range(0, count, gen_bs):
+                batch = prompts[s : s + gen_bs].to(self.device)
+                gen = self.teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=gc,
+                                            synced_gpus=self.synced_gpus)
+                rows.append(gen[:, : self.row_len].cpu())
+        self.rows = torch.cat(rows)
+        self.cursor = 0
+        self.refreshes += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        B = self.batch_size
+        if self.rows is None or self.cursor + B > self.rows.size(0):
+            self.refresh()
+        batch = self.rows[self.cursor : self.cursor + B]
+        self.cursor += B
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "cursor": self.cursor, "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self.cursor, self.refreshes = state["rows"], state["cursor"], state["refreshes"]

@@ -1,0 +1,199 @@
+"""Chunked fused output layer + loss: a head's logits never exist in full, nothing is recomputed in backward.
+
+A head's output layer maps N = B * T states to V (up to 262k) logits; in fp32 that is 4 * N * V bytes per head,
+the largest tensor of the whole step by far. Like Liger's fused linear cross-entropy, `FusedLinearLoss` walks
+over chunks of tokens and, per chunk, computes the logits, the loss, and the logits' gradient; it turns the
+latter straight into the gradients w.r.t. the states and the weight. Backward only scales them by the
+incoming gradient.
+
+Per token t with student logits z = x_t W^T and q = softmax(z) (fp32), the loss is
+
+    l_t = (1 - alpha) * [y_t valid] * (logsumexp(z) - z[y_t]) / n_hard        (hard labels: cross-entropy)
+        +      alpha  *  sum_v p_v * (log p_v - log q_v)       / n_soft        (soft labels: KL(p || q))
+
+with p = softmax(teacher logits) over the same (draft) vocabulary, so a draft vocabulary renormalises the
+teacher. n_hard counts valid labels, n_soft all tokens; dl/dz = (a + b) q - a onehot(y) - b p with a, b the
+two per-token weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SoftTargets:
+    """The teacher's logits over the heads' vocabulary, produced one chunk of tokens at a time.
+
+    Either `logits` (the target's own logits, already restricted to the draft vocabulary), or `hidden` with
+    `weight` [V', E] (the draft rows of the target's lm_head) and `scale` (e.g. Granite's 1 / logits_scaling):
+    then the teacher's logits are computed per chunk and never exist in full either.
+    The source tensor is [N, X], or [B, S, X] read at positions offset .. offset + T of every row (head i reads
+    the target at t + i + 1), so no shifted copy of the [B, S, V'] logits is made.
+    """
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    scale: float = 1.0
+    offset: int = 0
+    T: int | None = None
+
+    @property
+    def source(self) -> torch.Tensor:
+        src = self.logits if self.logits is not None else self.hidden
+        return src if src.dim() == 3 else src.unsqueeze(0)
+
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        src, T = self.source, self.T or self.source.size(1)
+        pieces = []
+        while start < end:
+            b, j = divmod(start, T)
+            n = min(end - start, T - j)
+            pieces.append(src[b, self.offset + j : self.offset + j + n])
+            start += n
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def chunk(self, start: int, end: int) -> torch.Tensor:
+        """fp32 teacher logits [end - start, V'] for flat token indices start..end."""
+        rows = self._rows(start, end)
+        if self.logits is not None:
+            return rows.float()
+        out = (rows.to(self.weight.dtype) @ self.weight.t()).float()
+        return out * self.scale if self.scale != 1.0 else out
+
+    def __len__(self) -> int:
+        return self.source.size(0) * (self.T or self.source.size(1))
+
+
+def auto_chunk_size(vocab: int, budget_elements: int = 1 << 25) -> int:
+    """Tokens per chunk so one fp32 [chunk, V] temporary stays near 128 MiB (a few live at once)."""
+    return max(64, budget_elements // max(vocab, 1))
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype if the caller runs under autocast (heads in fp32, matmuls in bf16), else the weight's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """loss = mix of CE(x W^T, labels) and KL(teacher || softmax(x W^T)), chunked; see the module docstring.
+
+    Returns (loss, n_correct): the scalar loss and, for logging, how many valid labels are the argmax
+    (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, soft, alpha, chunk_size):
+        # x: [N, D] states; weight: [V, D]; labels: [N] ids in [0, V) or IGNORE_INDEX, or None; soft: SoftTargets or None
+        N = x.size(0)
+        dtype = _compute_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            xs = x.to(dtype)
+            a_w = 0.0 if labels is None else 1.0 - alpha
+            b_w = 0.0 if soft is None else alpha
+            valid = labels.ne(IGNORE_INDEX) if labels is not None else None
+            n_hard = valid.sum().clamp(min=1).float() if valid is not None else None
+            want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False in eval: loss only
+            grad_x = torch.empty_like(xs) if want_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            n_correct = torch.zeros((), dtype=torch.long, device=x.device)
+            for s in range(0, N, chunk_size):
+                e = min(s + chunk_size, N)
+                z = (xs[s:e] @ w.t()).float()  # [n, V]
+                logq = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # in place: one [n, V] fewer
+                dz = logq.exp()  # q, becomes dl/dz below
+                if labels is not None:
+                    y, v = labels[s:e], valid[s:e]
+                    n_correct += (logq.argmax(-1).eq(y) & v).sum()
+                if a_w:
+                    y_safe = torch.where(v, y, 0).unsqueeze(1)
+                    a = v.float() * (a_w / n_hard)  # [n]
+                    loss = loss - (logq.gather(1, y_safe).squeeze(1) * a).sum()
+                    dz.mul_((a + b_w / N).unsqueeze(1) if b_w else a.unsqueeze(1))
+                    dz.scatter_add_(1, y_safe, -a.unsqueeze(1))
+                else:
+                    dz.mul_(b_w / N)
+                if b_w:
+                    logp = torch.log_softmax(soft.chunk(s, e), dim=-1)
+                    p = logp.exp()
+                    # p log p is 0 where p underflows to 0: xlogy keeps it finite.
+                    loss = loss + (b_w / N) * (torch.special.xlogy(p, p).sum() - (p * logq).sum())
+                    dz.sub_(p, alpha=b_w / N)
+                    del p, logp
+                if want_grad:
+                    dzc = dz.to(dtype)
+                    grad_x[s:e] = dzc @ w
+                    grad_w += (dzc.t() @ xs[s:e]).float()
+                    del dzc
+                del z, logq, dz
+        if want_grad:
+            ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(n_correct)
+        return loss, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+
+
+def fused_linear_loss(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    soft: SoftTargets | None = None,
+    alpha: float | None = None,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, n_correct) of the output layer `weight` [V, D] on states x [..., D].
+
+    labels [...] (IGNORE_INDEX to skip) gives cross-entropy; soft gives KL to the teacher; with both, `alpha`
+    weights KL (default: 1 with soft only, 0 with labels only); with alpha = 1 labels only count top-1 hits.
+    chunk_size 0 picks `auto_chunk_size(V)`.
+    """
+    if labels is None and soft is None:
+        raise ValueError("fused_linear_loss needs labels, soft targets, or both")
+    if alpha is None:
+        alpha = 1.0 if labels is None else 0.0
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the weight of the soft-label loss) must be in [0, 1], got {alpha}")
+    D = x.size(-1)
+    x = x.reshape(-1, D)
+    if labels is not None:
+        labels = labels.reshape(-1)
+    if soft is not None and len(soft) != x.size(0):
+        raise ValueError(f"soft targets cover {len(soft)} tokens, states {x.size(0)}")
+    if alpha == 1.0 and soft is None:
+        raise ValueError("alpha = 1 puts all weight on soft labels, but none were given")
+    soft_used = soft if alpha > 0 else None
+    # With alpha = 1 labels still count top-1 hits (n_correct), at no cost to the loss.
+    return FusedLinearLoss.apply(x, weight, labels, soft_used, float(alpha), chunk_size or auto_chunk_size(weight.size(0)))
+
+
+def reference_loss(x, weight, labels=None, teacher_logits=None, alpha=None):
+    """The same loss with full logits and autograd (float64 in the tests): the definition the fused one matches."""
+    import torch.nn.functional as F
+
+    if alpha is None:
+        alpha = 1.0 if labels is None else 0.0
+    z = x.reshape(-1, x.size(-1)) @ weight.t()
+    logq = torch.log_softmax(z, -1)
+    loss = z.new_zeros(())
+    if labels is not None and alpha < 1:
+        y = labels.reshape(-1)
+        n = y.ne(IGNORE_INDEX).sum().clamp(min=1)
+        loss = loss + (1 - alpha) * F.nll_loss(logq, y, ignore_index=IGNORE_INDEX, reduction="sum") / n
+    if teacher_logits is not None and alpha > 0:
+        logp = torch.log_softmax(teacher_logits.reshape(-1, teacher_logits.size(-1)).to(z.dtype), -1)
+        loss = loss + alpha * (logp.exp() * (logp - logq)).sum() / z.size(0)
+    return loss

@@ -1,0 +1,150 @@
+"""Parallelism, applied from outside the models: the heads train data-parallel, the frozen target is replicated
+(single GPU, DDP) or sharded (FSDP2, DeepSpeed ZeRO-3) across the job's GPUs.
+
+Only the heads go through `accelerator.prepare`: accelerate checkpoints every model it prepared (save_state walks
+`accelerator._models`), so a prepared target would be written into every checkpoint, and under FSDP2 accelerate
+prepares one model per job anyway. The target is placed here instead:
+
+- no / DDP backend: moved to the device whole; nothing to synchronise, it has no gradients.
+- FSDP2: `accelerate.utils.fsdp2_prepare_model`, the same sharding accelerate applies (one unit per decoder
+  layer, embeddings, tail, root) with the launch config's settings, but outside `_models`. The heads are then
+  prepared by accelerate as one FSDP2 unit (they are small; gradients reduce-scatter like any FSDP model).
+- DeepSpeed: the launch config's ZeRO stage decides the target's layout. Stage 3 shards the target with its own
+  inference-only ZeRO-3 engine (`deepspeed.initialize` without optimizer; this is what accelerate's
+  multi-plugin teacher/student support does, minus the teacher landing in every checkpoint); the heads train under
+  ZeRO stage min(stage, 2), because ZeRO-3 only gathers a parameter when its own module's forward runs, and the
+  fused loss reads the output layers' weights directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from speculators.train.config import TrainConfig
+
+
+@dataclass
+class Parallel:
+    """How this job is laid out: the accelerator, the backend's name, and whether the target is sharded."""
+
+    accelerator: object
+    backend: str  # "single", "ddp", "fsdp2" or "deepspeed"
+    shard_target: bool
+    teacher_ds_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.mixed_precision
+
+
+def build_parallel(cfg: TrainConfig) -> Parallel:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    mp = resolve_mixed_precision(cfg)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun-launched processes on a machine without CUDA: CPU processes over gloo (tests, laptops).
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import DeepSpeedPlugin
+
+        launch = DeepSpeedPlugin()  # the launch config's settings (yaml or json file)
+        stage = int(launch.zero_stage)
+        zero = {
+            "stage": min(stage, 2),
+            "overlap_comm": True,
+            "offload_optimizer": {"device": launch.offload_optimizer_device or "none"},
+        }
+        student = DeepSpeedPlugin(hf_ds_config={
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip or 0.0,
+            "zero_optimization": zero,
+            "bf16": {"enabled": mp == "bf16"},
+        })
+        teacher = None
+        if stage == 3:
+            teacher = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": 1,
+                "zero_optimization": {
+                    "stage": 3,
+                    "overlap_comm": True,
+                    "offload_param": {"device": launch.offload_param_device or "none"},
+                    "stage3_prefetch_bucket_size": 5e7,
+                    "stage3_param_persistence_threshold": 1e5,
+                },
+                "bf16": {"enabled": True},
+            }
+        acc = Accelerator(deepspeed_plugin=student, mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
+        return Parallel(acc, "deepspeed", shard_target=stage == 3, teacher_ds_config=teacher)
+
+    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
+    if acc.is_fsdp2:
+        return Parallel(acc, "fsdp2", shard_target=acc.num_processes > 1)
+    if acc.distributed_type == DistributedType.FSDP:
+        raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
+    backend = "single" if acc.num_processes == 1 else "ddp"
+    return Parallel(acc, backend, shard_target=False)
+
+
+@contextlib.contextmanager
+def _own_wrap_policy(plugin):
+    """accelerate's FSDP plugin remembers the first model's layer classes; keep the target's choice to itself."""
+    saved = (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap)
+    try:
+        yield
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
+
+
+def load_target(par: Parallel, build) -> tuple[nn.Module, nn.Module]:
+    """(callable target, its plain module). `build()` returns the frozen model on CPU (or partitioned/meta)."""
+    acc = par.accelerator
+    if par.backend == "deepspeed" and par.teacher_ds_config is not None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dschf = HfDeepSpeedConfig(par.teacher_ds_config)  # while alive, from_pretrained loads straight into shards
+        model = build()
+        engine, *_ = deepspeed.initialize(model=model, config=par.teacher_ds_config)
+        engine.eval()
+        del dschf
+        return engine, engine.module
+    model = build()
+    if par.backend == "fsdp2" and par.shard_target:
+        from accelerate.utils import fsdp2_prepare_model
+
+        with _own_wrap_policy(acc.state.fsdp_plugin):
+            model = fsdp2_prepare_model(acc, model)
+        return model, model
+    return model.to(acc.device), model
+
+
+def gather_rows(weight: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Rows `ids` (all if None) of a possibly sharded frozen weight, as a plain local tensor on every rank.
+
+    Collective under FSDP2 (DTensor) and ZeRO-3: every rank must call it.
+    """
+    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+        full = weight.full_tensor()
+    elif hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            full = weight.data.clone() if ids is None else weight.data[ids.to(weight.device)].clone()
+        return full
+    else:
+        full = weight.detach()
+    return full if ids is None else full[ids.to(full.device)]
