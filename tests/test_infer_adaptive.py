@@ -1,0 +1,50 @@
+"""The adaptive rule: the most tokens per second, plain decoding when speculation does not pay, cheap probes."""
+
+from speculators.infer.adaptive import AdaptiveSpeculation
+from speculators.infer.tree import TreeShape
+
+PLAIN, CHAIN, TREE = TreeShape(), TreeShape((1, 1, 1), 1), TreeShape((4, 3, 2), 5)
+
+
+def rule(latency_by_bucket):
+    a = AdaptiveSpeculation([PLAIN, CHAIN, TREE])
+    for bucket, lat in latency_by_bucket.items():
+        assert a.needs_timing(bucket) == [PLAIN, CHAIN, TREE]
+        for shape, ms in zip((PLAIN, CHAIN, TREE), lat):
+            a.set_latency(bucket, shape, ms)
+        assert a.needs_timing(bucket) == []
+    return a
+
+
+def test_small_batch_prefers_the_tree_large_batch_plain():
+    a = rule({1: (1.0, 1.05, 1.15), 64: (4.0, 9.0, 40.0)})
+    for _ in range(30):  # the tree accepts 2-3 tokens, the chain 1
+        a.update(TREE, [3, 2])
+        a.update(CHAIN, [1, 1])
+    assert 3.4 < a.tau(TREE) < 3.6 and 1.9 < a.tau(CHAIN) < 2.1
+    assert a.best(1) == TREE
+    assert a.best(64) == PLAIN
+    chosen = [a.choose(64) for _ in range(2000)]
+    assert TREE not in chosen  # (1 + 3) / 40 can never beat 1 / 4: never probed
+    probes = chosen.count(CHAIN)
+    assert 0 < probes <= 12  # exponential back-off
+
+
+def test_poor_acceptance_falls_back_to_plain_and_recovers():
+    a = rule({1: (1.0, 1.05, 1.15)})
+    for _ in range(30):
+        a.update(TREE, [0])
+        a.update(CHAIN, [0])
+    assert a.choose(1) == PLAIN
+    seen = []
+    for _ in range(200):
+        s = a.choose(1)
+        seen.append(s)
+        if s != PLAIN:  # acceptance came back: the probes see it and the rule switches
+            a.update(s, [3])
+    assert seen[-1] in (CHAIN, TREE) and seen[-50:].count(PLAIN) == 0
+
+
+def test_fixed_shape_without_adaptive():
+    a = AdaptiveSpeculation([PLAIN, CHAIN, TREE], adaptive=False)
+    assert a.needs_timing(1) == [] and a.choose(1) == TREE
