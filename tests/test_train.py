@@ -59,6 +59,11 @@ def test_smoke_run_end_to_end_with_two_processes(reference):
     assert seconds < 120, f"smoke recipe took {seconds:.0f}s"
     heads = MLPSpeculator.from_pretrained(out)
     assert heads.config.n_predict == 3 and heads.config.draft_vocab_size == 128
+    assert heads.speculator.head[0].weight.dtype == torch.bfloat16  # saved as served
+    # Every complete checkpoint carries its heads too, so a run cut off between checkpoints still leaves heads.
+    last = MLPSpeculator.from_pretrained(out / "checkpoints/step_00000020/heads")
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), heads.state_dict().values()))
+    assert torch.equal(last.draft_to_target, heads.draft_to_target)
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     for key in ("data/chain/tau", "data/tree/tau", "generated/chain/tau", "generated/tree/tau_walk", "data/acc_head0"):
         assert key in metrics

@@ -10,6 +10,8 @@ before removal for the same reason. Layout of one checkpoint:
                              pytorch_model/ (DeepSpeed engine dir)                          (DeepSpeed)
     trainer_state.json       step, tokens, scheduler, world size (rank 0)
     rank_{r}.pt              this rank's data position and stage-2 pool
+    heads/                   the heads as `save_pretrained` writes them (bf16): a run cut off at any moment
+                             still leaves heads to evaluate or serve (`LLM(..., speculative_config={"model": .../heads})`)
 
 accelerate knows each backend's layout (sharded FSDP2 state dicts, DeepSpeed's engine files), so the heads and
 the optimizer go through it; what is per rank (the data iterator, the stage-2 pool) is written per rank, since
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,7 +68,8 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, shared: dict, rank_state: dict) -> Path:
+    def save(self, step: int, shared: dict, rank_state: dict, export: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint `step`; `export(tmp_dir)` runs on every rank (gathers may be collective) before the rename."""
         acc = self.accelerator
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
@@ -77,6 +81,8 @@ class CheckpointManager:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         torch.save(rank_state, tmp / f"rank_{acc.process_index}.pt")
+        if export is not None:
+            export(tmp)
         _test_hook("SPECULATORS_TEST_EXIT_DURING_SAVE", step)
         acc.wait_for_everyone()
         if acc.is_main_process:

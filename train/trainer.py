@@ -7,6 +7,7 @@ From `stage2_start_step` on the batches are the target's own continuations (trai
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -172,7 +173,7 @@ class Trainer:
     def _save(self) -> None:
         shared = {"tokens": self.tokens, "scheduler": self.scheduler.state_dict()}
         rank_state = {"data": self.train_batches.state_dict(), "stage2": self.stage2.state_dict() if self.stage2 else None}
-        path = self.checkpoints.save(self.step, shared, rank_state)
+        path = self.checkpoints.save(self.step, shared, rank_state, export=lambda tmp: self.export_heads(tmp / "heads"))
         self.print(f"[checkpoint] step {self.step} -> {path}")
 
     def _load(self, path: Path) -> None:
@@ -351,15 +352,27 @@ class Trainer:
 
     # ---- output ----------------------------------------------------------------------------------------------
 
+    def export_heads(self, directory: Path) -> None:
+        """`save_pretrained` of the heads into `directory`, in bf16 (as served). Every rank calls it: under FSDP2 and
+        ZeRO-3 gathering the full state dict is collective; only the main process writes."""
+        state = self.accelerator.get_state_dict(self.student)  # full state dict on the main process under every backend
+        if self.accelerator.is_main_process:
+            heads_state = {k[len("heads."):]: (v.to(torch.bfloat16) if v.is_floating_point() else v)
+                           for k, v in state.items() if k.startswith("heads.")}
+            # A bf16 module around these tensors (built on meta: no copy, no init), so config.json says bfloat16 too.
+            with torch.device("meta"):
+                served = MLPSpeculator(copy.deepcopy(self.heads.config))  # save_pretrained writes config.dtype
+            served.load_state_dict(heads_state, assign=True)
+            served.save_pretrained(directory)
+
     def save_final(self, eval_values: dict) -> Path:
         """Heads via save_pretrained into output_dir (written to a temp dir, then moved file by file), eval.json, plot."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.student)  # full state dict on the main process under every backend
+        tmp = self.out / ".heads.tmp"
         if acc.is_main_process:
-            heads_state = {k[len("heads."):]: (v.float() if v.is_floating_point() else v) for k, v in state.items() if k.startswith("heads.")}
-            tmp = self.out / ".heads.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.heads.save_pretrained(tmp, state_dict=heads_state)
+        self.export_heads(tmp)
+        if acc.is_main_process:
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # weights first, config last
                 os.replace(f, self.out / f.name)
             shutil.rmtree(tmp, ignore_errors=True)
