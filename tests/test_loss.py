@@ -164,3 +164,22 @@ def test_no_grad_eval_gives_same_loss():
         a, na = fused_linear_loss(x, w, y, SoftTargets(logits=t), alpha=0.5, chunk_size=8)
     b, nb = fused_linear_loss(x.clone().requires_grad_(), w, y, SoftTargets(logits=t), alpha=0.5, chunk_size=8)
     assert torch.allclose(a, b.detach()) and na == nb
+
+
+def test_compiled_chunk_matches_eager():
+    """The chunk body CUDA runs under torch.compile gives the eager numbers (inductor on the CPU here)."""
+    from speculators.train.loss import chunk_loss_and_grad
+
+    torch.manual_seed(0)
+    n, V = 48, 300
+    z, teacher = torch.randn(n, V), torch.randn(n, V)
+    y = torch.randint(0, V, (n,))
+    y[3] = IGNORE_INDEX
+    hard = y.ne(IGNORE_INDEX).float() / (n - 1)
+    compiled = torch.compile(chunk_loss_and_grad, dynamic=False)
+    for args in [(z, y, hard, teacher, 0.3 / n, torch.float32), (z, y, hard, None, 0.0, torch.float32),
+                 (z, None, None, teacher, 1 / n, torch.float32), (z, y, None, teacher, 1 / n, None)]:
+        want, got = chunk_loss_and_grad(*args), compiled(*args)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        assert (got[1] is None and want[1] is None) or int(got[1]) == int(want[1])
+        assert (got[2] is None and want[2] is None) or torch.allclose(got[2], want[2], rtol=1e-4, atol=1e-7)

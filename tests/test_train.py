@@ -208,3 +208,42 @@ def test_stats_tau_and_decoder_walk():
     assert s["x/tau_walk"] == pytest.approx(9 / 3)
     again = AcceptanceStats.from_vector(3, stats.vector())
     assert again.summary("x") == s
+
+
+def test_stage2_pool_epochs_reuse_rows_and_resume_exactly():
+    """With stage2_pool_epochs 2, each generated pool is served twice (reshuffled) before the target generates
+    again, and a pool restored from its state_dict serves exactly the batches the original would have."""
+    from train.config import TrainConfig
+    from train.generate import Stage2Pool
+
+    class CountingTeacher:
+        calls = 0
+
+        def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+            CountingTeacher.calls += 1
+            new = torch.arange(generation_config.max_new_tokens).expand(input_ids.size(0), -1) + 1000 * CountingTeacher.calls
+            return torch.cat([input_ids, new], dim=1)
+
+    def data():
+        step = 0
+        while True:
+            step += 1
+            yield torch.arange(4 * 32).reshape(4, 32) + 10_000 * step
+
+    cfg = TrainConfig(target="random:llama", data="x", seq_len=30, batch_size=2, stage2_start_step=0, stage2_prompt_len=8,
+                      stage2_new_tokens=8, stage2_pool_steps=2, stage2_pool_epochs=2, stage2_batch_size=2)
+    pool = Stage2Pool(cfg, CountingTeacher(), data(), torch.device("cpu"), 0, [], 0, False)
+    first = [next(pool)]
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in pool.state_dict().items()}
+    first.append(next(pool))  # the first pass over a pool of 2 steps x 2 rows
+    second = [next(pool) for _ in range(2)]  # the second pass: the same rows in another order, no generation
+    assert CountingTeacher.calls == 1
+    assert sorted(map(tuple, torch.cat(first).tolist())) == sorted(map(tuple, torch.cat(second).tolist()))
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+    next(pool)  # both passes done: the target generates a fresh pool
+    assert CountingTeacher.calls == 2
+
+    restored = Stage2Pool(cfg, CountingTeacher(), data(), torch.device("cpu"), 0, [], 0, False)
+    restored.load_state_dict(state)  # as saved after the first batch: the same order in both passes
+    assert all(torch.equal(a, next(restored)) for a in [first[1], *second])
+    assert CountingTeacher.calls == 2

@@ -76,6 +76,7 @@ class Stage2Pool:
         self.rows: torch.Tensor | None = None  # [R, P + N] on CPU
         self.cursor = 0
         self.refreshes = 0
+        self.epoch = 0  # passes over the current pool so far
 
     @property
     def row_len(self) -> int:
@@ -120,7 +121,15 @@ class Stage2Pool:
                 rows.append(gen[:, : self.row_len].cpu())
         self.rows = torch.cat(rows)
         self.cursor = 0
+        self.epoch = 0
         self.refreshes += 1
+
+    def _next_epoch(self) -> None:
+        """Another pass over the same rows, reshuffled (seeded, so a resumed run sees the same order)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.refreshes * 104_729 + self.epoch * 31 + self.rank)
+        self.rows = self.rows[torch.randperm(self.rows.size(0), generator=g)]
+        self.cursor = 0
+        self.epoch += 1
 
     def __iter__(self):
         return self
@@ -128,13 +137,17 @@ class Stage2Pool:
     def __next__(self) -> torch.Tensor:
         B = self.batch_size
         if self.rows is None or self.cursor + B > self.rows.size(0):
-            self.refresh()
+            if self.rows is not None and self.epoch + 1 < self.cfg.stage2_pool_epochs and self.rows.size(0) >= B:
+                self._next_epoch()
+            else:
+                self.refresh()
         batch = self.rows[self.cursor : self.cursor + B]
         self.cursor += B
         return batch
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "cursor": self.cursor, "refreshes": self.refreshes}
+        return {"rows": self.rows, "cursor": self.cursor, "refreshes": self.refreshes, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows, self.cursor, self.refreshes = state["rows"], state["cursor"], state["refreshes"]
+        self.epoch = state.get("epoch", 0)

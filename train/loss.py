@@ -59,12 +59,12 @@ class SoftTargets:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
-        """fp32 teacher logits [end - start, V'] for flat token indices start..end."""
+        """Teacher logits [end - start, V'] for flat token indices start..end (the loss upcasts them to fp32)."""
         rows = self._rows(start, end)
         if self.logits is not None:
-            return rows.float()
-        out = (rows.to(self.weight.dtype) @ self.weight.t()).float()
-        return out * self.scale if self.scale != 1.0 else out
+            return rows
+        out = rows.to(self.weight.dtype) @ self.weight.t()
+        return out.float() * self.scale if self.scale != 1.0 else out
 
     def __len__(self) -> int:
         return self.source.size(0) * (self.T or self.source.size(1))
@@ -81,6 +81,68 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight.dtype
+
+
+def chunk_loss_and_grad(z, labels, hard_weight, teacher, soft_weight: float, grad_dtype):
+    """One chunk of tokens: (summed loss, top-1 hits, dl/dz in grad_dtype or None), all in fp32 inside.
+
+    z [n, V] logits; labels [n] (IGNORE_INDEX allowed) or None; hard_weight [n] per-token CE weight (0 where the
+    label is ignored) or None; teacher [n, V] teacher logits or None; soft_weight the KL weight per token.
+    Plain tensor code, so torch.compile fuses it into a few passes over [n, V] (on CUDA it is compiled).
+    """
+    z = z.float()
+    logq = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    q = logq.exp()
+    loss = z.new_zeros(())
+    n_correct = None
+    dz = q * soft_weight if teacher is not None else None
+    if labels is not None:
+        valid = labels.ne(IGNORE_INDEX)
+        y = torch.where(valid, labels, 0)
+        n_correct = (logq.argmax(-1).eq(y) & valid).sum()
+        if hard_weight is not None:
+            loss = loss - (logq.gather(1, y.unsqueeze(1)).squeeze(1) * hard_weight).sum()
+            onehot = torch.arange(z.size(1), device=z.device).unsqueeze(0).eq(y.unsqueeze(1))
+            hard = hard_weight.unsqueeze(1) * (q - onehot.float())
+            dz = hard if dz is None else dz + hard
+    if teacher is not None:
+        logp = torch.log_softmax(teacher.float(), dim=-1)
+        p = logp.exp()
+        # p log p is 0 where p underflows to 0: xlogy keeps it finite.
+        loss = loss + soft_weight * (torch.special.xlogy(p, p).sum() - (p * logq).sum())
+        dz = dz - soft_weight * p
+    if grad_dtype is None or dz is None:
+        return loss, n_correct, None
+    return loss, n_correct, dz.to(grad_dtype)
+
+
+_COMPILED = None
+
+
+def _compiled_chunk():
+    """chunk_loss_and_grad under torch.compile (~10 fp32 passes over [n, V] become ~3), eager if it fails."""
+    global _COMPILED
+    if _COMPILED is None:
+        import warnings
+
+        import torch._dynamo
+
+        # Shapes differ between full and last chunks, stage 1 and 2, training and eval: a few specialisations.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        compiled = torch.compile(chunk_loss_and_grad, dynamic=False)
+        state = {"failed": False}
+
+        def run(*args):
+            if not state["failed"]:
+                try:
+                    return compiled(*args)
+                except Exception as err:  # noqa: BLE001 - any compiler failure: the eager version is exact too
+                    warnings.warn(f"torch.compile of the loss chunk failed ({type(err).__name__}: {err}); running it eagerly", stacklevel=2)
+                    state["failed"] = True
+            return chunk_loss_and_grad(*args)
+
+        _COMPILED = run
+    return _COMPILED
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -107,35 +169,21 @@ class FusedLinearLoss(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             n_correct = torch.zeros((), dtype=torch.long, device=x.device)
+            chunk_fn = _compiled_chunk() if x.device.type == "cuda" else chunk_loss_and_grad
             for s in range(0, N, chunk_size):
                 e = min(s + chunk_size, N)
-                z = (xs[s:e] @ w.t()).float()  # [n, V]
-                logq = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # in place: one [n, V] fewer
-                dz = logq.exp()  # q, becomes dl/dz below
-                if labels is not None:
-                    y, v = labels[s:e], valid[s:e]
-                    n_correct += (logq.argmax(-1).eq(y) & v).sum()
-                if a_w:
-                    y_safe = torch.where(v, y, 0).unsqueeze(1)
-                    a = v.float() * (a_w / n_hard)  # [n]
-                    loss = loss - (logq.gather(1, y_safe).squeeze(1) * a).sum()
-                    dz.mul_((a + b_w / N).unsqueeze(1) if b_w else a.unsqueeze(1))
-                    dz.scatter_add_(1, y_safe, -a.unsqueeze(1))
-                else:
-                    dz.mul_(b_w / N)
-                if b_w:
-                    logp = torch.log_softmax(soft.chunk(s, e), dim=-1)
-                    p = logp.exp()
-                    # p log p is 0 where p underflows to 0: xlogy keeps it finite.
-                    loss = loss + (b_w / N) * (torch.special.xlogy(p, p).sum() - (p * logq).sum())
-                    dz.sub_(p, alpha=b_w / N)
-                    del p, logp
+                z = xs[s:e] @ w.t()  # [n, V] in the compute dtype; the chunk body upcasts
+                y = labels[s:e] if labels is not None else None
+                hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
+                teacher = soft.chunk(s, e) if b_w else None
+                part, correct, dz = chunk_fn(z, y, hard, teacher, b_w / N, dtype if want_grad else None)
+                loss = loss + part
+                if correct is not None:
+                    n_correct += correct
                 if want_grad:
-                    dzc = dz.to(dtype)
-                    grad_x[s:e] = dzc @ w
-                    grad_w += (dzc.t() @ xs[s:e]).float()
-                    del dzc
-                del z, logq, dz
+                    grad_x[s:e] = dz @ w
+                    grad_w += (dz.t() @ xs[s:e]).float()
+                del z, dz, teacher
         if want_grad:
             ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(n_correct)
