@@ -16,6 +16,11 @@ before removal for the same reason. Layout of one checkpoint:
 accelerate knows each backend's layout (sharded FSDP2 state dicts, DeepSpeed's engine files), so the heads and
 the optimizer go through it; what is per rank (the data iterator, the stage-2 pool) is written per rank, since
 accelerate's custom-object checkpointing only saves rank 0's objects.
+
+Checkpoints move between DDP / single GPU and FSDP2 (same number of processes): when the layout on disk is not the
+one this job writes, the heads and the optimizer state are read through torch.distributed.checkpoint's state-dict
+API, which knows plain, DDP and FSDP2 modules alike (`_load_across`); everything else in a checkpoint is the same
+under every backend. DeepSpeed checkpoints only resume under DeepSpeed.
 """
 
 from __future__ import annotations
@@ -110,6 +115,109 @@ class CheckpointManager:
                 f"checkpoint {path} was written by {shared['world_size']} processes, this job has {acc.num_processes}: "
                 "the data order is per process, so resume with the same number of processes"
             )
-        acc.load_state(str(path))
+        found, mine = checkpoint_layout(path), job_layout(acc)
+        if found == mine:
+            acc.load_state(str(path))
+        elif {found, mine} <= set(PORTABLE):
+            acc.print(f"[resume] {path.name} was written under {PORTABLE[found]}; loading its heads and optimizer "
+                      f"state into this {PORTABLE[mine]} job")
+            _load_across(acc, path, found)
+        else:
+            raise ValueError(
+                f"checkpoint {path} has the {found!r} layout and this job writes {mine!r}: only DDP / single-GPU "
+                "('full') and FSDP2 SHARDED_STATE_DICT ('sharded') checkpoints resume under each other"
+            )
         rank_state = torch.load(path / f"rank_{acc.process_index}.pt", weights_only=False)
         return shared, rank_state
+
+
+PORTABLE = {"full": "DDP / single GPU", "sharded": "FSDP2"}
+
+
+def checkpoint_layout(path: Path) -> str:
+    """How accelerate's save_state laid out the heads and optimizer in checkpoint `path`."""
+    if (path / "pytorch_model_fsdp_0").is_dir():
+        return "sharded"  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint directories
+    if (path / "pytorch_model_fsdp.bin").is_file():
+        return "fsdp-full"  # FSDP FULL_STATE_DICT
+    if (path / "pytorch_model").is_dir():
+        return "deepspeed"
+    if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file():
+        return "full"  # no / DDP backend: model.safetensors + optimizer.bin
+    return "unknown"
+
+
+def job_layout(acc) -> str:
+    """The layout this job's save_state writes (see checkpoint_layout)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import StateDictType
+
+        return "sharded" if acc.state.fsdp_plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT else "fsdp-full"
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "full"
+
+
+def _load_across(acc, path: Path, found: str) -> None:
+    """Heads + optimizer from a checkpoint of the other layout ('full' <-> 'sharded'), then what acc.load_state
+    restores besides them (RNG states, grad scaler, accelerate's step counter), from the same files.
+
+    'sharded' -> DDP / single: torch.distributed.checkpoint reads the shards into whole tensors.
+    'full' -> FSDP2: the whole tensors are read on every rank and each rank keeps its shard (full_state_dict).
+    Both go through the FQN-keyed state dicts of torch.distributed.checkpoint.state_dict; the optimizer file of
+    a 'full' checkpoint is keyed by parameter index, mapped to names by this job's optimizer, which the trainer
+    builds in the same order under every backend (shapes are checked).
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import load_accelerator_state
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    if len(acc._models) != 1 or len(acc._optimizers) != 1:
+        raise ValueError("a checkpoint of another layout loads into exactly one prepared model and optimizer")
+    model, opt = acc._models[0], acc._optimizers[0].optimizer
+    acc.wait_for_everyone()
+    if found == "sharded":
+        sd = get_model_state_dict(model)
+        dcp.load({"model": sd}, checkpoint_id=path / "pytorch_model_fsdp_0")
+        set_model_state_dict(model, sd)
+        osd = get_optimizer_state_dict(model, opt)  # initialises the optimizer state, then filled in place
+        dcp.load({"optimizer": osd}, checkpoint_id=path / "optimizer_0")
+        set_optimizer_state_dict(model, opt, osd)
+    else:
+        full = StateDictOptions(full_state_dict=True)
+        if (path / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(path / "model.safetensors")
+        else:
+            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        set_model_state_dict(model, {k.removeprefix("module."): v for k, v in sd.items()}, options=full)
+        by_index = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, opt, _optimizer_by_name(by_index, model, opt), options=full)
+    override = load_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.scaler)
+    if "step" in override:
+        acc.step = override["step"]
+    acc.wait_for_everyone()
+
+
+def _optimizer_by_name(state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` (parameters by index) -> the FQN-keyed form of torch.distributed.checkpoint."""
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    shapes = {names[id(p)]: tuple(p.shape) for g in opt.param_groups for p in g["params"]}  # global shapes (DTensor)
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g) for g in groups]:
+        raise ValueError("the checkpoint's optimizer has other parameter groups than this job's")
+    fqn = {i: n for g_saved, g in zip(state["param_groups"], groups) for i, n in zip(g_saved["params"], g)}
+    out = {"state": {}, "param_groups": []}
+    for i, st in state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != shapes[fqn[i]]:
+                raise ValueError(f"optimizer state {k} of {fqn[i]} has shape {tuple(v.shape)}, the parameter {shapes[fqn[i]]}")
+        out["state"][fqn[i]] = st
+    for g_saved in state["param_groups"]:
+        out["param_groups"].append({**g_saved, "params": [fqn[i] for i in g_saved["params"]]})
+    return out

@@ -91,12 +91,37 @@ def build_parallel(cfg: TrainConfig) -> Parallel:
         return Parallel(acc, "deepspeed", shard_target=stage == 3, teacher_ds_config=teacher)
 
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
+    if (acc.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        _fsdp_on_cpu(acc)
     if acc.is_fsdp2:
         return Parallel(acc, "fsdp2", shard_target=acc.num_processes > 1)
     if acc.distributed_type == DistributedType.FSDP:
         raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
     backend = "single" if acc.num_processes == 1 else "ddp"
     return Parallel(acc, backend, shard_target=False)
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """An FSDP launch config on CPU processes (tests, laptops: recipes/accelerate/cpu-2proc-fsdp2.yaml).
+
+    accelerate (1.15) builds the FSDP plugin from the launch config but switches its state to FSDP only for
+    accelerator devices (MULTI_GPU, MULTI_XPU, ...): on CPU processes it stays MULTI_CPU, i.e. DDP, without a word.
+    torch's FSDP2 (`fully_shard`) itself runs on CPU over gloo, so the state is switched here, as accelerate would
+    have done on GPUs (the process group, gloo, and the CPU device are already set up as for MULTI_CPU).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # the launch config's settings (FSDP_* environment variables)
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    # As AcceleratorState.__init__ ends on GPUs: every later AcceleratorState() copies PartialState's type back.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 @contextlib.contextmanager
@@ -107,6 +132,25 @@ def _own_wrap_policy(plugin):
         yield
     finally:
         plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
+
+
+def prepare_heads(par: Parallel, student: nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare(student, optimizer)`, with FSDP2's cpu_ram_efficient_loading off for the heads.
+
+    With it on, accelerate (1.15) broadcasts rank 0's state dict into the shards and expects every entry to be a
+    sharded parameter; the heads' persistent `draft_to_target` buffer is a plain tensor, and accelerate fails with
+    "'Tensor' object has no attribute 'device_mesh'" (huggingface/accelerate#3898). The heads are small and are
+    built identically on every rank (seeded init, draft vocabulary counted from the same rows), so each rank
+    shards its own copy; the target (load_target) keeps the setting.
+    """
+    plugin = getattr(par.accelerator.state, "fsdp_plugin", None)
+    if par.backend != "fsdp2" or plugin is None or not plugin.cpu_ram_efficient_loading:
+        return par.accelerator.prepare(student, optimizer)
+    plugin.cpu_ram_efficient_loading = False
+    try:
+        return par.accelerator.prepare(student, optimizer)
+    finally:
+        plugin.cpu_ram_efficient_loading = True
 
 
 def load_target(par: Parallel, build) -> tuple[nn.Module, nn.Module]:

@@ -25,7 +25,7 @@ from speculators.train.checkpoint import CheckpointManager, _test_hook
 from speculators.train.config import ConfigError, TrainConfig
 from speculators.train.generate import Stage2Pool, greedy_continuations
 from speculators.train.models import build_heads, build_target, build_tokenizer, eos_ids
-from speculators.train.parallel import Parallel, build_parallel, load_target
+from speculators.train.parallel import Parallel, build_parallel, load_target, prepare_heads
 from speculators.train.student import Student
 from speculators.train.teacher import Teacher
 
@@ -92,7 +92,7 @@ class Trainer:
             lr=cfg.lr, betas=tuple(cfg.betas),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
-        self.student, self.optimizer = acc.prepare(student, optimizer)
+        self.student, self.optimizer = prepare_heads(self.par, student, optimizer)  # parallel.py says why
 
         # The target's forward path (decided on one held-out batch, the same on every rank).
         self.teacher = Teacher(model, module, draft_ids, need_soft=cfg.loss != "hard", soft_teacher=cfg.soft_teacher)
