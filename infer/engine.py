@@ -333,6 +333,33 @@ class LLMEngine:
             self.stats["tokens"] += len(req.output_ids) - before
         self.adaptive.update(shape, accepted)
 
+    @torch.no_grad()
+    def warmup(self, max_len: int | None = None, max_batch: int | None = None, modes: tuple[str, ...] = ("greedy",)) -> float:
+        """Compile and capture, ahead of time, every decode step that sequences of up to `max_len` tokens at up to
+        `max_batch` concurrent requests can meet (each batch bucket x sequence bucket x tree shape x sampling
+        mode), and time the shapes for the adaptive rule, so that no later step pays for it: a benchmark's
+        timed run or a server's first requests. Needs an idle engine; returns the seconds it took."""
+        if self.requests:
+            raise RuntimeError("warmup needs an idle engine: requests are queued or running")
+        start = time.perf_counter()
+        max_len = min(max_len or self.max_model_len, self.max_model_len)
+        top = bucket_for(min(max_batch or self.n_slots, self.n_slots), self.batch_buckets)
+        for B in [b for b in self.batch_buckets if b <= top]:
+            for shape in self.shapes:
+                last = bucket_for(min(max_len + shape.n_nodes, self.cache_len), self.seq_buckets)
+                for S in [s for s in self.seq_buckets if s <= last]:
+                    for mode in modes:
+                        saved = self.state.save()
+                        self.graphs.run((B, S, shape, mode), lambda B=B, S=S, shape=shape, mode=mode: self._step(B, S, shape, mode))
+                        self.state.restore(saved)
+            for shape in self.adaptive.needs_timing(B):
+                S = bucket_for(min(max_len + shape.n_nodes, self.cache_len), self.seq_buckets)
+                seconds = self.graphs.time((B, S, shape, modes[0]), lambda s=shape, S=S: self._step(B, S, s, modes[0]))
+                self.adaptive.set_latency(B, shape, seconds)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     def _free(self, req: Request) -> None:
         slot = req.slot
         if slot is None:

@@ -272,6 +272,13 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def warmup(self, max_len: int | None = None, max_batch: int | None = None, sampling: bool = False) -> float:
+        """Compile and capture every decode step up to `max_len` tokens per sequence and `max_batch` requests at
+        once (default: the engine's limits), so that no later request pays for it; seconds taken.
+        With sampling=True the sampling modes are captured too, not only greedy."""
+        modes = ("greedy", "sample", "filter") if sampling else ("greedy",)
+        return self.engine.warmup(max_len, max_batch, modes)
+
     def stats(self) -> dict:
         """Engine-level counters: steps, tokens, tree shapes used, measured latencies and acceptance estimates."""
         return self.engine.engine_stats()

@@ -579,6 +579,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling of requests that give no seed")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     p.add_argument("--model-impl", default="auto", choices=["auto", "own", "hf"])
+    p.add_argument("--warmup-len", type=int, default=2048,
+                   help="with CUDA graphs, compile and capture every decode step up to this many tokens per sequence "
+                        "before serving, so no request pays for it (0: capture on first use)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     argv = list(sys.argv[1:] if argv is None else argv)
     # vLLM accepts --speculative_config as well as --speculative-config: so do we.
@@ -605,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"speculators serve: error: {err}", file=sys.stderr)
         return 1
+    if args.warmup_len > 0 and llm.engine.graphs.use_graphs:
+        logger.info("capturing decode steps up to %d tokens per sequence ...", args.warmup_len)
+        logger.info("captured in %.1f s", llm.warmup(max_len=args.warmup_len))  # greedy; sampling on first use
     server = OpenAIServer(llm, served_model_names=args.served_model_name, api_key=args.api_key, chat_template=template)
     spec = args.speculative_config or {}
     logger.info("serving %s as %s on http://%s:%d (speculation: %s, max_model_len %d, %d slots, %s on %s)",

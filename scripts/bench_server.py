@@ -128,7 +128,12 @@ def measure_offline(args, prompts: list[str], workload: list[str]) -> list[dict]
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
 
-    run(prompts[:2])  # warm-up: batch 1 and 2 buckets, then every batch bucket up to the slots
+    # Every decode step the runs below can meet, captured ahead (as the server does at startup), then the
+    # prefill paths: no timed request pays for compilation or capture.
+    llm.warmup(max_len=args.max_tokens + max(len(ids) for ids in llm.get_tokenizer()(workload)["input_ids"]) + 64,
+               sampling=args.temperature > 0)
+    run(prompts[:1])
+    run(prompts[:2])
     run(workload)
     sync()
     seconds, tokens, taus = 0.0, 0, []
@@ -166,7 +171,8 @@ def started_server(args):
         return
     port = free_port()
     cmd = [sys.executable, "-m", "speculators.infer.server", args.model, "--port", str(port), "--dtype", args.dtype,
-           "--device", args.device, "--max-num-seqs", str(args.max_num_seqs or args.concurrency), "--log-level", "warning"]
+           "--device", args.device, "--max-num-seqs", str(args.max_num_seqs or args.concurrency), "--log-level", "warning",
+           "--warmup-len", str(args.max_tokens + 512)]  # prompts here are short; 512 covers a chat template
     if args.speculative_config:
         cmd += ["--speculative-config", args.speculative_config]
     if args.max_model_len:

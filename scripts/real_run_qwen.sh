@@ -11,7 +11,8 @@
 #   bash scripts/real_run_qwen.sh serve            # the OpenAI server vs offline, 1 stream and 16 clients
 #   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # all of the above, a failed step logged
 #
-# MODEL, RUN and OUT (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`.
+# MODEL, RUN and OUT (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`;
+# STEPS, STAGE2, POOL, CKPT size the run; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/root/models/qwen2.5-coder-1.5b}
@@ -22,7 +23,8 @@ export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOK
 # The run: soft labels (KL to the target), 1,700 steps on ShareGPT, then 300 on the target's own samples
 # (one pool of 150 steps' rows, used twice: generation costs more than training on it).
 TRAIN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --loss soft --max_steps ${STEPS:-2000}
-  --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps 150 --stage2_pool_epochs 2 --eval_every 1000 --num_proc 12"
+  --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps ${POOL:-150} --stage2_pool_epochs 2 --eval_every 1000
+  --checkpoint_every ${CKPT:-250} --num_proc 12"
 QUIET="it/s\]|s/it\]|^\s*$"
 
 heads() {  # the final heads, or (a run cut short) those of the newest checkpoint
@@ -50,15 +52,15 @@ phase() {
       local H; H=$(heads)
       python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts humaneval --num-prompts 164 \
         --max-new-tokens 256 --batch-size 48 --json "$OUT/tau_humaneval.json" | tail -4
-      python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts sharegpt --num-prompts 100 \
+      [ -n "${SKIP_SHAREGPT:-}" ] || python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts sharegpt --num-prompts 100 \
         --max-new-tokens 256 --batch-size 50 --json "$OUT/tau_sharegpt.json" | tail -4 ;;
     runtime)
       python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 16 --max-tokens 256 \
         --batch-sizes 1 --methods plain,mlp_speculator,hf_static --warmup-tokens 32 --no-progress \
         --out "$OUT/bench_bs1.json" --plot "$OUT/bench_bs1.png" ;;
     sweep)
-      python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 64 --max-tokens 128 \
-        --batch-sizes 1,4,16,64 --methods plain,mlp_speculator --warmup-tokens 16 --no-progress \
+      python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 32 --max-tokens 128 \
+        --batch-sizes 1,4,16,64 --methods plain,mlp_speculator --warmup-tokens 32 --no-progress \
         --out "$OUT/bench_sweep.json" --plot "$OUT/bench_sweep.png" ;;
     serve)
       python3 scripts/bench_server.py "$MODEL" --speculative-config "{\"model\": \"$(heads)\", \"method\": \"mlp_speculator\"}" \
@@ -69,7 +71,7 @@ phase() {
 }
 
 if [ "${1:-}" = all ]; then
-  for p in prepare bench train eval runtime sweep serve; do
+  for p in ${PHASES:-prepare bench train eval runtime sweep serve}; do
     echo "[all] $p: start $(date -u +%H:%M:%S)"
     if [ $p = prepare ]; then args=(${2:+"$2"}); else args=(); fi
     if phase "$p" "${args[@]}"; then echo "[all] $p: ok $(date -u +%H:%M:%S)"; else echo "[all] $p: FAILED ($?) $(date -u +%H:%M:%S)"; fi

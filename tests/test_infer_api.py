@@ -239,3 +239,28 @@ def test_no_tokenizer_needs_token_ids():
 def test_engine_exported():
     assert LLMEngine is llm().engine.__class__
     assert torch.equal(llm().engine.state.active, torch.zeros_like(llm().engine.state.active))
+
+
+def test_warmup_runs_every_step_shape_and_changes_no_output():
+    """LLM.warmup visits every (batch bucket, sequence bucket, tree shape) up to its limits and leaves the engine as
+    it was: the same greedy tokens afterwards; it refuses a busy engine."""
+    _, d = target("llama")
+    spec = {"model": d, "method": "draft_model", "num_speculative_tokens": 3}
+    fresh = LLM(d, device=DEVICE, dtype="float64", max_model_len=128, max_num_seqs=4, speculative_config=spec)
+    want = [o.outputs[0].token_ids for o in fresh.generate([PROMPT, "abc"], greedy(30), use_tqdm=False)]
+    warmed = LLM(d, device=DEVICE, dtype="float64", max_model_len=128, max_num_seqs=4, speculative_config=spec)
+    calls = []
+    step = warmed.engine._step
+    warmed.engine._step = lambda B, S, shape, mode: (calls.append((B, S, shape.name, mode)), step(B, S, shape, mode))[1]
+    assert warmed.warmup(max_len=100, max_batch=2) >= 0
+    visited = set(calls)
+    shapes = {s.name for s in warmed.engine.shapes}
+    assert {(B, S, sh) for B, S, sh, _ in visited} >= {(B, 128, sh) for B in (1, 2) for sh in shapes}
+    assert all(B <= 2 for B, *_ in visited) and {m for *_, m in visited} == {"greedy"}
+    assert all(warmed.engine.adaptive.latency.get((B, s)) for B in (1, 2) for s in warmed.engine.shapes)
+    warmed.engine._step = step
+    got = [o.outputs[0].token_ids for o in warmed.generate([PROMPT, "abc"], greedy(30), use_tqdm=False)]
+    assert got == want
+    warmed.engine.add_request("busy", [1, 2, 3], greedy(5))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        warmed.warmup()
