@@ -6,8 +6,7 @@ The smoke recipe, shortened: 12 steps, stage 2 (the target's own continuations) 
 steps. The interrupted runs stop right after the step-8 checkpoint, which falls inside a stage-2 pool (generated
 for steps 8 and 9), so the per-rank pool state crosses strategies too. recipes/accelerate/cpu-2proc-fsdp2.yaml is
 the CPU twin of fsdp2.yaml (train/parallel.py turns accelerate's FSDP on for CPU processes).
-DeepSpeed is not covered: accelerate never selects DeepSpeed for CPU processes, and build_parallel's DeepSpeed
-path does not start under recipes/accelerate/deepspeed-*.yaml (accelerate rejects its second DeepSpeedPlugin).
+DeepSpeed (ZeRO-2 and ZeRO-3 on the CPU, same-seed losses, kill and resume) is in tests/test_train_deepspeed.py.
 """
 
 import json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -29,10 +31,32 @@ def random_target(arch: str, overrides: dict, dtype: torch.dtype, seed: int = 12
     if unknown:
         raise ConfigError(f"target_config has keys {sorted(unknown)} that {config_class.__name__} does not know")
     fork = torch.random.fork_rng(devices=[])
-    with fork:
+    with fork, _outside_zero3_init():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config_class(**{**RANDOM_TARGET_DEFAULTS, **overrides}), dtype=dtype)
     return model
+
+
+@contextlib.contextmanager
+def _outside_zero3_init():
+    """Models built here are built whole, even while a ZeRO-3 config is alive (train/parallel.py load_target).
+
+    There, transformers builds every model inside `deepspeed.zero.Init` (partitioned as constructed) and then
+    initialises the weights module by module, gathered: other random draws than a plain build, so a random target
+    would differ from the one every other backend builds from the same seed. The random targets are small; built
+    whole, `deepspeed.initialize` partitions them like any module built outside zero.Init.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()  # is_deepspeed_zero3_enabled() is False while set to None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
 def build_target(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:

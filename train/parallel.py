@@ -57,38 +57,7 @@ def build_parallel(cfg: TrainConfig) -> Parallel:
         # torchrun-launched processes on a machine without CUDA: CPU processes over gloo (tests, laptops).
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from accelerate.utils import DeepSpeedPlugin
-
-        launch = DeepSpeedPlugin()  # the launch config's settings (yaml or json file)
-        stage = int(launch.zero_stage)
-        zero = {
-            "stage": min(stage, 2),
-            "overlap_comm": True,
-            "offload_optimizer": {"device": launch.offload_optimizer_device or "none"},
-        }
-        student = DeepSpeedPlugin(hf_ds_config={
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.grad_clip or 0.0,
-            "zero_optimization": zero,
-            "bf16": {"enabled": mp == "bf16"},
-        })
-        teacher = None
-        if stage == 3:
-            teacher = {
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": 1,
-                "zero_optimization": {
-                    "stage": 3,
-                    "overlap_comm": True,
-                    "offload_param": {"device": launch.offload_param_device or "none"},
-                    "stage3_prefetch_bucket_size": 5e7,
-                    "stage3_param_persistence_threshold": 1e5,
-                },
-                "bf16": {"enabled": True},
-            }
-        acc = Accelerator(deepspeed_plugin=student, mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
-        return Parallel(acc, "deepspeed", shard_target=stage == 3, teacher_ds_config=teacher)
+        return _build_deepspeed(cfg, mp)
 
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
     if (acc.distributed_type == DistributedType.MULTI_CPU
@@ -100,6 +69,105 @@ def build_parallel(cfg: TrainConfig) -> Parallel:
         raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
     backend = "single" if acc.num_processes == 1 else "ddp"
     return Parallel(acc, backend, shard_target=False)
+
+
+def _build_deepspeed(cfg: TrainConfig, mp: str) -> Parallel:
+    """The DeepSpeed backend. The launch config (yaml keys or its deepspeed_config_file) decides the ZeRO stage and
+    the offload devices; the heads' micro batch, gradient accumulation and clipping are the recipe's (batch_size,
+    grad_accum, grad_clip), not the launch yaml's gradient_accumulation_steps / gradient_clipping."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from speculators.train.models import target_dtype
+
+    launch = DeepSpeedPlugin()  # the launch config's settings (yaml keys or a deepspeed_config_file)
+    stage = int(launch.zero_stage)
+    zero = {
+        "stage": min(stage, 2),
+        "overlap_comm": True,
+        "offload_optimizer": _offload(launch.offload_optimizer_device, launch.offload_optimizer_nvme_path),
+    }
+    student = _plugin({
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": mp == "bf16"},
+        "fp16": {"enabled": mp == "fp16"},
+    })
+    teacher = None
+    if stage == 3:
+        dtype = target_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        teacher = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {
+                "stage": 3,
+                "overlap_comm": True,
+                "offload_param": _offload(launch.offload_param_device, launch.offload_param_nvme_path),
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+            },
+            # The engine casts the module to the enabled half type: keep the target in the dtype it was built in.
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+        }
+    acc = Accelerator(deepspeed_plugin=student, mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum)
+    if acc.distributed_type == DistributedType.MULTI_CPU:
+        _deepspeed_on_cpu(acc, student, mp)
+    return Parallel(acc, "deepspeed", shard_target=stage == 3, teacher_ds_config=teacher)
+
+
+def _offload(device: str | None, nvme_path: str | None) -> dict:
+    device = (device or "none").lower()
+    return {"device": device, "nvme_path": nvme_path} if device == "nvme" else {"device": device}
+
+
+def _plugin(ds_config: dict):
+    """`DeepSpeedPlugin(hf_ds_config=ds_config)`, built next to a launch config that has DeepSpeed keys.
+
+    accelerate launch lists the launch config's deepspeed_config keys in ACCELERATE_CONFIG_DS_FIELDS, and a plugin
+    built from a config dict refuses to start while any of them is set ("When using `deepspeed_config_file`, the
+    following accelerate config variables will be ignored: [...]"): a check meant for a user's launch yaml that
+    names both a deepspeed_config_file and the keys that file overrides. This config is written here, from the
+    recipe and the launch settings already read (zero_stage, offload devices), so the check is off while the plugin
+    is built; the launch environment is left as it was. Every value is given (no "auto"), so the ACCELERATE_*
+    values accelerate still reads in the plugin (gradient accumulation, clipping) change nothing;
+    zero3_init_flag is given too: the heads never train under ZeRO-3.
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    saved = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=False)
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = saved
+
+
+def _deepspeed_on_cpu(acc, plugin, mp: str) -> None:
+    """A DeepSpeed launch config on CPU processes (tests, laptops: deepspeed-zero2.yaml with --num_processes 2).
+
+    As with FSDP (_fsdp_on_cpu): accelerate (1.15) switches to DeepSpeed only for accelerator devices; CPU
+    processes (ACCELERATE_USE_CPU, set above when there is no CUDA) stay MULTI_CPU and the plugin goes unused.
+    DeepSpeed itself runs on CPU (its CPU accelerator, gloo), so the state is switched here as AcceleratorState
+    does on GPUs: DeepSpeed's communication layer on the process group accelerate set up, the plugin selected
+    with the job's mixed precision, the precision then left to DeepSpeed's config.
+    """
+    import deepspeed
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # wraps the existing process group
+    state = acc.state
+    state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    plugin.set_mixed_precision(mp)
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    if mp != "fp8":
+        state._mixed_precision = "no"  # DeepSpeed's config holds the precision (AcceleratorState.mixed_precision)
+    acc.native_amp, acc.scaler = False, None  # as Accelerator sets them under DeepSpeed
 
 
 def _fsdp_on_cpu(acc) -> None:
