@@ -11,7 +11,8 @@ class AdaptiveSpeculation:
     score(shape) = tau(shape) / latency(bucket, shape), where
       - latency is the step time measured when a batch bucket is first used: every shape is timed there
         (CUDA-graph replays, or eager calls without graphs), so growing batches that make verification
-        compute-bound move the choice to smaller trees, then to plain decoding;
+        compute-bound move the choice to smaller trees, then to plain decoding; afterwards every real step
+        (probes included) moves its shape's estimate towards what it measured (an exponential average);
       - tau(shape) = 1 + sum_d P(shape accepts >= d draft tokens), from per-position running averages (a mean
         over a shape's first 20 steps, then an exponential moving average) updated by every step run with that
         shape, averaged over the batch rows. Plain decoding has tau 1.
@@ -45,6 +46,17 @@ class AdaptiveSpeculation:
 
     def set_latency(self, bucket: int, shape: TreeShape, seconds: float) -> None:
         self.latency[(bucket, shape)] = seconds
+
+    def observe_latency(self, bucket: int, shape: TreeShape, seconds: float, weight: float = 0.1) -> None:
+        """A real step's time (launch to the host's read of the results): corrects the warm-up timing, which runs
+        one step in isolation at one sequence length, towards what steps cost in the running batch. One
+        observation moves the estimate by at most a factor of 2 (an outlier, e.g. a first-use capture)."""
+        key = (bucket, shape)
+        if key not in self.latency:
+            self.latency[key] = seconds
+            return
+        old = self.latency[key]
+        self.latency[key] = old + weight * (min(max(seconds, old / 2), 2 * old) - old)
 
     def best(self, bucket: int) -> TreeShape:
         return max(self.shapes, key=lambda s: self.tau(s) / self.latency[(bucket, s)])

@@ -316,10 +316,13 @@ class LLMEngine:
             self.adaptive.set_latency(B, shape, seconds)
         shape = self.adaptive.choose(B)
         S = bucket_for(longest + shape.n_nodes, self.seq_buckets)  # attention reads cache slots [0, S) only
-        start = time.perf_counter()
+        start, captured = time.perf_counter(), len(self.graphs.graphs)
         self.graphs.run((B, S, shape, mode), lambda: self._step(B, S, shape, mode))
         out = self.state.out[:B, : shape.depth + 2].tolist()  # the one device-to-host copy of the step
-        self.stats["step_seconds"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats["step_seconds"] += seconds
+        if len(self.graphs.graphs) == captured:  # a step that captured a graph says nothing about later ones
+            self.adaptive.observe_latency(B, shape, seconds)
         self.stats["steps"] += 1
         self.stats["shapes"][shape.name] = self.stats["shapes"].get(shape.name, 0) + 1
         accepted = []

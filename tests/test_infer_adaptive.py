@@ -48,3 +48,21 @@ def test_poor_acceptance_falls_back_to_plain_and_recovers():
 def test_fixed_shape_without_adaptive():
     a = AdaptiveSpeculation([PLAIN, CHAIN, TREE], adaptive=False)
     assert a.needs_timing(1) == [] and a.choose(1) == TREE
+
+
+def test_real_step_times_correct_a_misleading_warmup_timing():
+    """Warm-up timed the chain at 1.5x plain, so with tau ~1.8 the chain wins; real steps cost 2.1x plain: the rule
+    must move to plain decoding once it has seen them, and an outlier moves an estimate by at most 2x."""
+    a = AdaptiveSpeculation([PLAIN, CHAIN])
+    a.set_latency(16, PLAIN, 4.0)
+    a.set_latency(16, CHAIN, 6.0)
+    for _ in range(30):
+        a.update(CHAIN, [1, 0, 1, 1, 0])  # tau 1.6
+    assert a.choose(16) == CHAIN
+    for _ in range(40):
+        shape = a.choose(16)
+        a.observe_latency(16, shape, 4.0 if shape == PLAIN else 8.4)
+    assert a.latency[(16, CHAIN)] > 4.0 * a.tau(CHAIN) and a.best(16) == PLAIN  # now measured too slow to pay
+    assert [a.choose(16) for _ in range(20)].count(PLAIN) >= 18
+    a.observe_latency(16, PLAIN, 1000.0)  # a one-off stall
+    assert a.latency[(16, PLAIN)] <= 4.0 * 1.1
