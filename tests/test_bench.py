@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_infer_common import char_tokenizer
+from test_infer_common import char_tokenizer, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from tiny_models import tiny_target
 
 from speculators import MLPSpeculator, MLPSpeculatorConfig
@@ -19,14 +19,6 @@ import bench  # noqa: E402
 
 METHODS = bench.METHODS
 PROMPTS = ["def fib(n):", "The quick brown fox", "SELECT * FROM"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,42 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+import strategy_runs
+from strategy_runs import ENV, ROOT, TOL, assert_same_heads, assert_same_losses, losses
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ddp": ["--config_file", "recipes/accelerate/cpu-2proc.yaml"],
     "zero2": ["--config_file", "recipes/accelerate/deepspeed-zero2.yaml", "--num_processes", "2"],
     "zero3": ["--config_file", "recipes/accelerate/deepspeed-zero3.yaml", "--num_processes", "2"],
 }
-SHORT = ("--max_steps", "12", "--stage2_start_step", "7", "--checkpoint_every", "4", "--eval_every", "0",
-         "--log_every", "1", "--grad_accum", "2")
-TOL = dict(abs=1e-5, rel=1e-5)
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "MLP_SPECULATORS_CACHE": "off"}
+
 
 
 def launch(strategy: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The shortened smoke recipe under `accelerate launch` with two CPU processes."""
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *CONFIGS[strategy],
-        str(ROOT / "train/distill.py"), "--config", str(ROOT / "recipes/smoke-cpu.yaml"),
-        "--output_dir", str(out), "--progress_bar", "false", *SHORT, *extra,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV, **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
-
-
-def losses(out: Path) -> dict[int, list[float]]:
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
-    by_step = {r["step"]: [r["loss"], *r["head_loss"]] for r in rows}
-    assert len(by_step) == len(rows), "a step was logged twice"
-    return by_step
-
-
-def assert_same_losses(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want) == list(range(1, 13))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], **TOL), f"step {step}"
+    return strategy_runs.launch(CONFIGS[strategy], out, *extra, env=env)
 
 
 def assert_deepspeed_checkpoint(checkpoint: Path) -> None:
@@ -62,19 +39,6 @@ def assert_deepspeed_checkpoint(checkpoint: Path) -> None:
     assert engine.is_dir() and not (checkpoint / "model.safetensors").exists(), sorted(p.name for p in checkpoint.iterdir())
     assert sorted(p.name for p in engine.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-
-
-def heads_state(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "model.safetensors")
-
-
-def assert_same_heads(got: Path, want: Path) -> None:
-    want, got = heads_state(want), heads_state(got)
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-2, rtol=1e-2, msg=k)  # bf16 as saved
 
 
 def uninterrupted(strategy: str, tmp_path_factory):

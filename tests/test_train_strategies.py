@@ -10,46 +10,21 @@ DeepSpeed (ZeRO-2 and ZeRO-3 on the CPU, same-seed losses, kill and resume) is i
 """
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
+import strategy_runs
+from strategy_runs import ROOT, assert_same_heads, assert_same_losses, losses
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ddp": "recipes/accelerate/cpu-2proc.yaml", "fsdp2": "recipes/accelerate/cpu-2proc-fsdp2.yaml"}
-SHORT = ("--max_steps", "12", "--stage2_start_step", "7", "--checkpoint_every", "4", "--eval_every", "0", "--log_every", "1")
 STOP_AT = 8  # the interrupted runs exit right after this step's checkpoint
-TOL = dict(abs=1e-5, rel=1e-5)
 
 
 def launch(strategy: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The shortened smoke recipe under `accelerate launch` with two CPU processes (torchrun + gloo)."""
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / CONFIGS[strategy]),
-        str(ROOT / "train/distill.py"), "--config", str(ROOT / "recipes/smoke-cpu.yaml"),
-        "--output_dir", str(out), "--progress_bar", "false", *SHORT, *extra,
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-                "MLP_SPECULATORS_CACHE": "off", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-
-
-def losses(out: Path) -> dict[int, list[float]]:
-    """step -> [loss, head losses...] from train_log.jsonl (each step logged once)."""
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
-    by_step = {r["step"]: [r["loss"], *r["head_loss"]] for r in rows}
-    assert len(by_step) == len(rows), "a step was logged twice"
-    return by_step
-
-
-def assert_same_losses(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want) == list(range(1, 13))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], **TOL), f"step {step}"
+    return strategy_runs.launch(["--config_file", str(ROOT / CONFIGS[strategy])], out, *extra, env=env)
 
 
 def layout(checkpoint: Path) -> str:
@@ -58,12 +33,6 @@ def layout(checkpoint: Path) -> str:
     if (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file():
         return "ddp"  # whole tensors
     return "?"
-
-
-def heads_state(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "model.safetensors")
 
 
 def uninterrupted(strategy: str, tmp_path_factory):
@@ -94,10 +63,7 @@ def test_ddp_and_fsdp2_give_the_same_losses_for_the_same_seed(ddp_run, fsdp2_run
     assert layout(fsdp_out / "checkpoints/step_00000012") == "fsdp2"
     assert_same_losses(losses(fsdp_out), losses(ddp_out))
     assert {r["stage"] for r in map(json.loads, (fsdp_out / "train_log.jsonl").read_text().splitlines())} == {1, 2}
-    want, got = heads_state(ddp_out), heads_state(fsdp_out)
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-2, rtol=1e-2, msg=k)  # bf16 as saved
+    assert_same_heads(fsdp_out, ddp_out)
     for name, out in (("ddp", ddp_out), ("fsdp2", fsdp_out)):
         assert json.loads((out / "eval.json").read_text())["step"] == 12, name
     assert ddp_s < 60 and fsdp_s < 60, (ddp_s, fsdp_s)
@@ -128,7 +94,5 @@ def test_checkpoint_resumes_under_the_other_strategy(first, then, ddp_run, tmp_p
     assert json.loads((out / "eval.json").read_text())["step"] == 12
     # Steps 1-8 from the first strategy, 9-12 from the second: the uninterrupted run's losses throughout.
     assert_same_losses(losses(out), losses(ddp_run[0]))
-    want, got = heads_state(ddp_run[0]), heads_state(out)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-2, rtol=1e-2, msg=k)
+    assert_same_heads(out, ddp_run[0])
     assert seconds < 90, f"{first} -> {then} took {seconds:.0f}s"
