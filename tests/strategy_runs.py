@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,12 @@ def assert_same_heads(got: Path, want: Path) -> None:
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-2, rtol=1e-2, msg=k)  # bf16 as saved
+
+
+def timed_run(launch_args: list[str], out: Path) -> tuple[Path, str, float]:
+    """An uninterrupted run that must succeed: (output dir, its log, seconds)."""
+    t0 = time.time()
+    res = launch(launch_args, out)
+    seconds = time.time() - t0
+    assert res.returncode == 0, res.stdout[-4000:]
+    return out, res.stdout, seconds

@@ -36,12 +36,7 @@ def layout(checkpoint: Path) -> str:
 
 
 def uninterrupted(strategy: str, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"ref-{strategy}")
-    t0 = time.time()
-    res = launch(strategy, out)
-    seconds = time.time() - t0
-    assert res.returncode == 0, res.stdout[-4000:]
-    return out, res.stdout, seconds
+    return strategy_runs.timed_run(["--config_file", str(ROOT / CONFIGS[strategy])], tmp_path_factory.mktemp(f"ref-{strategy}"))
 
 
 @pytest.fixture(scope="module")
