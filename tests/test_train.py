@@ -56,7 +56,6 @@ def reference(tmp_path_factory):
 def test_smoke_run_end_to_end_with_two_processes(reference):
     out, res, seconds = reference
     assert "2 process(es), backend ddp" in res.stdout, res.stdout[-3000:]
-    assert seconds < 120, f"smoke recipe took {seconds:.0f}s"
     heads = MLPSpeculator.from_pretrained(out)
     assert heads.config.n_predict == 3 and heads.config.draft_vocab_size == 128
     assert heads.speculator.head[0].weight.dtype == torch.bfloat16  # saved as served

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -86,7 +85,6 @@ def test_plugin_starts_in_the_launch_configs_environment(strategy, tmp_path, mon
 def test_deepspeed_gives_ddps_losses_and_resumes_after_a_kill(strategy, ddp_run, tmp_path):
     ref_out = ddp_run[0]
     out = tmp_path / "run"
-    t0 = time.time()
     # 1. Killed right after the step-8 checkpoint (zero2), or while writing it (zero3: resume from step 4).
     stop = {"zero2": "SPECULATORS_TEST_EXIT_AFTER_STEP", "zero3": "SPECULATORS_TEST_EXIT_DURING_SAVE"}[strategy]
     res = launch(strategy, out, env={stop: "8"})
@@ -105,7 +103,6 @@ def test_deepspeed_gives_ddps_losses_and_resumes_after_a_kill(strategy, ddp_run,
 
     # 2. --resume auto to the end: the uninterrupted DDP run's losses at every step, the resumed ones included.
     res = launch(strategy, out, "--resume", "auto")
-    seconds = time.time() - t0
     assert res.returncode == 0, res.stdout[-4000:]
     log = res.stdout
     assert f"[resume] from {out / 'checkpoints'}/step_{resume_at:08d}" in log, log[-3000:]
@@ -120,4 +117,3 @@ def test_deepspeed_gives_ddps_losses_and_resumes_after_a_kill(strategy, ddp_run,
     assert json.loads((out / "eval.json").read_text())["step"] == 12
     assert_same_heads(out, ref_out)
     assert_same_heads(out / "checkpoints/step_00000012/heads", ref_out)
-    assert seconds < 60, f"{strategy} kill + resume took {seconds:.0f}s"

@@ -11,7 +11,6 @@ DeepSpeed (ZeRO-2 and ZeRO-3 on the CPU, same-seed losses, kill and resume) is i
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +66,6 @@ def test_ddp_and_fsdp2_give_the_same_losses_for_the_same_seed(ddp_run, fsdp2_run
 @pytest.mark.parametrize("first,then", [("ddp", "fsdp2"), ("fsdp2", "ddp")])
 def test_checkpoint_resumes_under_the_other_strategy(first, then, ddp_run, tmp_path):
     out = tmp_path / "run"
-    t0 = time.time()
     res = launch(first, out, env={"SPECULATORS_TEST_EXIT_AFTER_STEP": str(STOP_AT)})
     assert res.returncode != 0  # stopped on purpose
     ckpts = [p.name for p in sorted((out / "checkpoints").iterdir())]
@@ -75,7 +73,6 @@ def test_checkpoint_resumes_under_the_other_strategy(first, then, ddp_run, tmp_p
     assert layout(out / "checkpoints/step_00000008") == first
 
     res = launch(then, out, "--resume", "auto")
-    seconds = time.time() - t0
     assert res.returncode == 0, res.stdout[-4000:]
     log = res.stdout
     assert f"backend {then}" in log
@@ -90,4 +87,3 @@ def test_checkpoint_resumes_under_the_other_strategy(first, then, ddp_run, tmp_p
     # Steps 1-8 from the first strategy, 9-12 from the second: the uninterrupted run's losses throughout.
     assert_same_losses(losses(out), losses(ddp_run[0]))
     assert_same_heads(out, ddp_run[0])
-    assert seconds < 90, f"{first} -> {then} took {seconds:.0f}s"

@@ -8,6 +8,7 @@ Every recipe key can be overridden on the command line (train/config.py lists th
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    code = 0
     try:
         values = trainer.train()
         trainer.save_final(values)
@@ -36,11 +38,23 @@ def main(argv: list[str] | None = None) -> int:
         except HubError as err:
             print(f"error: {err}", file=sys.stderr)
             print(f"error: the trained heads, eval.json and checkpoints are intact in {cfg.output_dir}", file=sys.stderr)
-            return 3
-    finally:
+            code = 3
+    except BaseException:
         trainer.logger.finish()
         trainer.accelerator.end_training()
-    return 0
+        raise
+    trainer.logger.finish()
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        # Every rank is done and every file is written. Leave without tearing the process group down: gloo's
+        # worker threads can abort a process when the group or the interpreter is torn down around them
+        # ("terminate called without an active exception", seen on CPU runs; pytorch/pytorch#179291).
+        acc.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    acc.end_training()
+    return code
 
 
 if __name__ == "__main__":
