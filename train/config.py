@@ -31,6 +31,11 @@ class TrainConfig:
     from `target_config`, for smoke tests)."""
     target_config: dict = field(default_factory=dict)
     """Config fields of a `random:` target (hidden_size, num_hidden_layers, vocab_size, ...); ignored otherwise."""
+    random_target_init: str = "replicated"
+    """How a `random:` target gets its weights. replicated: built whole on CPU from a fixed seed, the same weights
+    under every backend. sharded: each process builds only its own shard, on its device (FSDP2: meta device, then
+    the local shards; ZeRO-3: inside deepspeed.zero.Init), for random targets larger than one process can hold
+    (a 70B-shape scaling test); the weights then depend on the backend and the number of processes."""
     tokenizer: str | None = None
     """Tokenizer to read the data with: None means the target's own; `bytes` a built-in byte-level tokenizer
     (259 tokens, for random targets)."""
@@ -217,6 +222,9 @@ class TrainConfig:
              f"resume must be auto, none or an existing checkpoint directory, got {self.resume!r}")
         if self.target.startswith("random:"):
             need(self.target.split(":", 1)[1] in ("llama", "qwen2"), f"target random:ARCH supports llama and qwen2, got {self.target!r}")
+        need(self.random_target_init in ("replicated", "sharded"), f"random_target_init must be replicated or sharded, got {self.random_target_init!r}")
+        need(self.random_target_init == "replicated" or self.target.startswith("random:"),
+             f"random_target_init: sharded is for random: targets; {self.target!r} is loaded from its checkpoint")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

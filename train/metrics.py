@@ -94,7 +94,8 @@ def format_line(step: int, max_steps: int, rec: dict) -> str:
     heads = " ".join(f"{x:.3f}" for x in rec["head_loss"])
     acc = " ".join(f"{x:.2f}" for x in rec["head_acc"])
     return (f"step {step}/{max_steps} | loss {rec['loss']:.4f} | heads [{heads}] | acc [{acc}] | "
-            f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s | stage {rec['stage']}")
+            f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s | stage {rec['stage']}"
+            + (f" | peak {rec['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in rec else ""))
 
 
 def format_eval(values: dict[str, float]) -> str:

@@ -22,19 +22,57 @@ def target_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.target_dtype)
 
 
-def random_target(arch: str, overrides: dict, dtype: torch.dtype, seed: int = 1234) -> nn.Module:
-    """A random-weight causal LM from a config; the same weights on every process (fixed seed, CPU init)."""
+def random_target(arch: str, overrides: dict, dtype: torch.dtype, seed: int = 1234, sharded: bool = False) -> nn.Module:
+    """A random-weight causal LM from a config.
+
+    Replicated (default): the same weights on every process (fixed seed, CPU init). Sharded: no process holds the
+    whole model. The parameters stay on the meta device (buffers, such as rotary tables, are real) for
+    `init_sharded_random` to fill after FSDP2 has sharded them; under a live ZeRO-3 config the model is built
+    inside deepspeed.zero.Init instead (transformers does that), partitioned as it is constructed.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     unknown = set(overrides) - set(config_class().to_dict())
     if unknown:
         raise ConfigError(f"target_config has keys {sorted(unknown)} that {config_class.__name__} does not know")
+    config = config_class(**{**RANDOM_TARGET_DEFAULTS, **overrides})
+    if sharded:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     fork = torch.random.fork_rng(devices=[])
     with fork, _outside_zero3_init():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config_class(**{**RANDOM_TARGET_DEFAULTS, **overrides}), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+@torch.no_grad()
+def init_sharded_random(model: nn.Module, device: torch.device, seed: int, rank: int) -> None:
+    """Give a sharded model built on the meta device (random_target(sharded=True), then fully_shard) its weights,
+    shard by shard on `device`: matrices ~ N(0, initializer_range), norm weights 1, biases 0 (transformers' own
+    init), each rank's shards from its own seed. Real buffers (rotary tables) are kept."""
+    buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)
+    for name, b in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        getattr(model.get_submodule(owner) if owner else model, leaf).copy_(b)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if p.dim() >= 2:
+            local.normal_(0.0, std, generator=gen)
+        elif name.endswith("bias"):
+            local.zero_()
+        else:
+            local.fill_(1.0)
 
 
 @contextlib.contextmanager
@@ -63,7 +101,8 @@ def build_target(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | No
     """The frozen target in eval mode with no gradients, on CPU (placement is the parallel layer's job)."""
     dtype = dtype or target_dtype(cfg, device)
     if cfg.target.startswith("random:"):
-        model = random_target(cfg.target.split(":", 1)[1], cfg.target_config, dtype)
+        sharded = cfg.random_target_init == "sharded"
+        model = random_target(cfg.target.split(":", 1)[1], cfg.target_config, dtype, sharded=sharded)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -221,9 +221,18 @@ def prepare_heads(par: Parallel, student: nn.Module, optimizer: torch.optim.Opti
         plugin.cpu_ram_efficient_loading = True
 
 
-def load_target(par: Parallel, build) -> tuple[nn.Module, nn.Module]:
-    """(callable target, its plain module). `build()` returns the frozen model on CPU (or partitioned/meta)."""
+def load_target(par: Parallel, build, sharded_random_seed: int | None = None) -> tuple[nn.Module, nn.Module]:
+    """(callable target, its plain module). `build()` returns the frozen model on CPU (or partitioned/meta).
+
+    `sharded_random_seed`: build() gives a random target whose parameters are still on the meta device (FSDP2) or
+    partitioned by zero.Init (ZeRO-3); it is sharded, then its shards are drawn on the device from this seed.
+    """
     acc = par.accelerator
+    if sharded_random_seed is not None and not par.shard_target:
+        raise ValueError(
+            f"random_target_init: sharded needs a sharded target (FSDP2 or DeepSpeed ZeRO-3, more than one process); "
+            f"this job is {par.backend} with {acc.num_processes} process(es)"
+        )
     if par.backend == "deepspeed" and par.teacher_ds_config is not None:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
@@ -238,8 +247,19 @@ def load_target(par: Parallel, build) -> tuple[nn.Module, nn.Module]:
     if par.backend == "fsdp2" and par.shard_target:
         from accelerate.utils import fsdp2_prepare_model
 
-        with _own_wrap_policy(acc.state.fsdp_plugin):
-            model = fsdp2_prepare_model(acc, model)
+        plugin = acc.state.fsdp_plugin
+        efficient = plugin.cpu_ram_efficient_loading
+        if sharded_random_seed is not None:
+            plugin.cpu_ram_efficient_loading = False  # there is no rank-0 copy to broadcast: shards stay on meta
+        try:
+            with _own_wrap_policy(plugin):
+                model = fsdp2_prepare_model(acc, model)
+        finally:
+            plugin.cpu_ram_efficient_loading = efficient
+        if sharded_random_seed is not None:
+            from speculators.train.models import init_sharded_random
+
+            init_sharded_random(model, acc.device, sharded_random_seed, acc.process_index)
         return model, model
     return model.to(acc.device), model
 

@@ -66,7 +66,8 @@ class Trainer:
                    f"target {'sharded' if self.par.shard_target else 'replicated'}, mixed precision {acc.mixed_precision}")
         self.tokenizer = build_tokenizer(cfg)
         t0 = time.perf_counter()
-        model, module = load_target(self.par, lambda: build_target(cfg, acc.device))
+        sharded_seed = cfg.seed if cfg.random_target_init == "sharded" else None
+        model, module = load_target(self.par, lambda: build_target(cfg, acc.device), sharded_seed)
         self.print(f"[setup] target {cfg.target} loaded in {time.perf_counter() - t0:.1f}s")
         self.eos = eos_ids(self.tokenizer, module)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
@@ -244,6 +245,8 @@ class Trainer:
                 "step": p["step"], "loss": sum(head_loss), "head_loss": head_loss, "head_acc": head_acc,
                 "lr": p["lr"], "tokens": p["tokens"], "tokens_per_s": tps, "stage": p["stage"],
             })
+        if acc.device.type == "cuda":  # this rank's peak so far: what sharding the target saves
+            records[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self.logger.steps(records)
         return records[-1]
 
@@ -275,6 +278,7 @@ class Trainer:
                     bar.write(msg) if bar is not None else print(msg, flush=True)
             if save:
                 self._save()
+                t_start = time.perf_counter()  # tokens/s is training time only
             _test_hook("SPECULATORS_TEST_EXIT_AFTER_STEP", self.step)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                 self.evaluate()
