@@ -135,6 +135,9 @@ def test_cli_overrides_file_overrides_defaults(tmp_path):
     assert (cfg.lr, cfg.max_steps, cfg.betas, cfg.push_to_hub, cfg.stage2_start_step) == (0.01, 9, [0.8, 0.9], "a/b", 3)
     assert cfg.seq_len == TrainConfig().seq_len
     assert load_config(["--config", str(recipe), "--stage2_start_step", "null"]).stage2_start_step is None
+    assert load_config(["--config", str(recipe), "--lr", "1e-3"]).lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    recipe.write_text("lr: 3e-4\n")
+    assert load_config(["--config", str(recipe)]).lr == 3e-4
 
 
 def test_distill_cli_reports_config_errors_without_traceback(capsys):
@@ -246,3 +249,40 @@ def test_stage2_pool_epochs_reuse_rows_and_resume_exactly():
     restored.load_state_dict(state)  # as saved after the first batch: the same order in both passes
     assert all(torch.equal(a, next(restored)) for a in [first[1], *second])
     assert CountingTeacher.calls == 2
+
+
+def test_student_output_flattens_to_its_tensors_for_fsdp2():
+    """FSDP2 hooks its backward (unshard, reduce-scatter of the heads' gradients) on the tensors it finds by
+    flattening the forward's output as a pytree; an opaque output type left the heads without gradients under FSDP2
+    on GPUs (torch 2.11), while the loss still printed. The output must flatten into its tensors, the loss with grad."""
+    from torch.utils._pytree import tree_flatten
+
+    from speculators.train.student import Student
+
+    torch.manual_seed(0)
+    heads = MLPSpeculator(MLPSpeculatorConfig(vocab_size=50, emb_dim=16, inner_dim=16, n_predict=2))
+    student = Student(heads, "hard", 0.5)
+    out = student(torch.randn(2, 8, 16), torch.randint(0, 50, (2, 8 + 2 + 1)))
+    leaves, _ = tree_flatten(out)
+    assert len(leaves) == 4 and all(isinstance(t, torch.Tensor) for t in leaves)
+    assert leaves[0] is out.loss and out.loss.requires_grad
+
+
+def test_sharded_random_init_fills_a_meta_built_target_like_transformers_would():
+    from speculators.train.models import init_sharded_random, random_target
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 320}
+    meta = random_target("qwen2", shape, torch.float32, sharded=True)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    init_sharded_random(meta, torch.device("cpu"), seed=0, rank=0)
+    whole = random_target("qwen2", shape, torch.float32)
+    for (name, p), (_, q) in zip(meta.named_parameters(), whole.named_parameters()):
+        assert p.device.type == "cpu" and p.shape == q.shape
+        if p.dim() >= 2:
+            assert abs(p.std().item() - meta.config.initializer_range) < 0.1 * meta.config.initializer_range, name
+        else:
+            torch.testing.assert_close(p, q, msg=name)  # norm weights 1, biases 0
+    for (name, b), (_, c) in zip(meta.named_buffers(), whole.named_buffers()):
+        torch.testing.assert_close(b, c, msg=name)  # rotary tables kept, not left uninitialised
+    with pytest.raises(ConfigError, match="random_target_init: sharded is for random: targets"):
+        load_config(["--target", "some/model", "--random_target_init", "sharded"])

@@ -87,3 +87,18 @@ def test_checkpoint_resumes_under_the_other_strategy(first, then, ddp_run, tmp_p
     # Steps 1-8 from the first strategy, 9-12 from the second: the uninterrupted run's losses throughout.
     assert_same_losses(losses(out), losses(ddp_run[0]))
     assert_same_heads(out, ddp_run[0])
+
+
+def test_a_random_target_too_large_for_one_process_is_built_shard_by_shard(tmp_path):
+    """random_target_init: sharded (recipes/llama-70b-shape-random.yaml): under FSDP2 no process builds the whole
+    target; the shards are drawn on each process, and the heads train on it like on any target."""
+    out = tmp_path / "run"
+    res = launch("fsdp2", out, "--random_target_init", "sharded", "--stage2_start_step", "null", "--loss", "hard")
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "target sharded" in res.stdout
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 13)) and all(v[0] == v[0] for v in steps.values())  # no NaN
+    assert steps[12][0] < steps[1][0]
+
+    res = strategy_runs.launch(["--config_file", str(ROOT / CONFIGS["ddp"])], tmp_path / "ddp", "--random_target_init", "sharded")
+    assert res.returncode != 0 and "random_target_init: sharded needs a sharded target" in res.stdout, res.stdout[-3000:]

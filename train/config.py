@@ -262,6 +262,11 @@ def _coerce(key: str, raw: typing.Any, from_cli: bool) -> typing.Any:
         if optional:
             return None
         raise ConfigError(f"config key {key!r} cannot be null")
+    if base is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if base is int and isinstance(value, float) and value.is_integer():

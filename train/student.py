@@ -10,7 +10,7 @@ ids[t + i + 2] (hard label) or matches the target's distribution at position t +
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,11 @@ from speculators import MLPSpeculator
 from speculators.train.loss import IGNORE_INDEX, SoftTargets, fused_linear_loss
 
 
-@dataclass
-class StudentOutput:
+class StudentOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: FSDP2 finds the output tensors to hook its backward (unshard, then
+    reduce-scatter into the sharded gradients) by flattening the forward's output as a pytree, and a dataclass is one
+    opaque leaf to torch 2.11's pytree: the heads then got no gradients at all under FSDP2 on GPUs."""
+
     loss: torch.Tensor  # scalar, sum over heads (IBM sums the heads' losses)
     head_loss: torch.Tensor  # [n_predict] detached
     head_correct: torch.Tensor  # [n_predict] top-1 hits on valid hard labels
