@@ -10,7 +10,8 @@
 #   bash scripts/scale_out.sh report               # tables, JSON and plot (scripts/scale_out_report.py)
 #   setsid nohup bash scripts/scale_out.sh all [GGUF] > LOG 2>&1 &   # PHASES="qwen ddp,report" picks steps
 #
-# N (GPUs, default 2), STEPS (Qwen steps, default 60), RESUME_AT (default 30), MODEL, RUNS and OUT can be set.
+# N (GPUs, default 2), STEPS (Qwen steps, default 60), RESUME_AT (default 30), MODEL (a directory, or `random`: random
+# weights at the same shape, no checkpoint needed), RUNS and OUT can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2}
@@ -22,9 +23,16 @@ OUT=${OUT:-/tmp/scale-out}
 mkdir -p "$RUNS" "$OUT"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Stage 1 only, no eval during the run, the same seed and data (3000 ShareGPT records) for every strategy.
-QWEN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --max_steps $STEPS --stage2_start_step null
-  --warmup_steps 10 --eval_every 0 --eval_batches 2 --eval_gen_prompts 0 --checkpoint_every $RESUME_AT --keep_checkpoints 3
-  --log_every 5 --max_records 3000 --num_proc 12 --seed 0 --progress_bar false"
+QWEN_ARGS=(--config recipes/qwen2.5-coder-1.5b.yaml --max_steps "$STEPS" --stage2_start_step null
+  --warmup_steps 10 --eval_every 0 --eval_batches 2 --eval_gen_prompts 0 --checkpoint_every "$RESUME_AT" --keep_checkpoints 3
+  --log_every 5 --max_records 3000 --num_proc 12 --seed 0 --progress_bar false)
+if [ "$MODEL" = random ]; then  # no checkpoint at hand: random weights at Qwen2.5-1.5B's shape, byte tokenizer
+  QWEN_ARGS+=(--target random:qwen2 --tokenizer bytes --target_config "{vocab_size: 151936, hidden_size: 1536,
+    intermediate_size: 8960, num_hidden_layers: 28, num_attention_heads: 12, num_key_value_heads: 2,
+    max_position_embeddings: 4096, tie_word_embeddings: true}")
+else
+  QWEN_ARGS+=(--target "$MODEL")
+fi
 QUIET="it/s\]|s/it\]|^\s*$|Warning|warn\("
 
 launcher() {  # accelerate launch arguments of a strategy
@@ -51,13 +59,13 @@ train() {  # NAME STRATEGY ARGS...: one run, its log and train_log.jsonl copied 
 phase() {
   case "$1" in
     prepare) MODEL=$MODEL bash scripts/real_run_qwen.sh prepare ${2:+"$2"} ;;
-    qwen) train "qwen-$2" "$2" $QWEN_ARGS --resume none ;;
+    qwen) train "qwen-$2" "$2" "${QWEN_ARGS[@]}" --resume none ;;
     resume)
       local dir="$RUNS/resume-$2-$3"
       rm -rf "$dir"; mkdir -p "$dir/checkpoints"
       cp -r "$RUNS/qwen-$2/checkpoints/step_$(printf %08d "$RESUME_AT")" "$dir/checkpoints/"
       cp "$RUNS/qwen-$2/train_log.jsonl" "$dir/"  # resume cuts it back to the checkpoint's step
-      train "resume-$2-$3" "$3" $QWEN_ARGS --resume auto ;;
+      train "resume-$2-$3" "$3" "${QWEN_ARGS[@]}" --resume auto ;;
     big) train "big-$2" "$2" --config recipes/llama-70b-shape-random.yaml --resume none ;;
     report) python3 scripts/scale_out_report.py "$OUT" --gpus "$N" --resume-at "$RESUME_AT" ;;
     *) sed -n 2,13p "$0"; exit 2 ;;
