@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from speculators import MLPSpeculator, check_compatible, load_target
-    from speculators.prompts import encode_prompts, load_prompts
+    from speculators.prompts import encode_prompts, load_prompts, split_of_run
     from speculators.train.acceptance import evaluate_generated
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         heads.config.top_k_tokens_per_head = [int(k) for k in args.top_k.split(",")]
     if args.n_candidates:
         heads.config.n_candidates = args.n_candidates
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    split = split_of_run(args.heads) if args.prompts == "sharegpt" and Path(args.heads).is_dir() else {}
+    if split:
+        print(f"sharegpt prompts held out by the heads' own run: {split}", file=sys.stderr)
+    prompts = load_prompts(args.prompts, args.num_prompts, split)
     ids = encode_prompts(prompts, tokenizer, chat=False if args.raw else None, max_len=args.max_prompt_len)
     print(f"loaded target, heads and {len(ids)} prompts ({args.prompts}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 

@@ -46,12 +46,13 @@ def _first_user_turn(record: dict) -> str | None:
     return None
 
 
-def load_sharegpt(n: int | None = None, *, seed: int = 0, eval_fraction: float = 0.01, max_eval_records: int = 200) -> list[Prompt]:
+def load_sharegpt(n: int | None = None, *, seed: int = 0, eval_fraction: float = 0.01, max_eval_records: int = 200,
+                  max_records: int | None = None) -> list[Prompt]:
     """First user turns of ShareGPT records that training holds out (the split of `speculators.records`, which
-    training uses, with these settings, the recipes' defaults), so heads are not measured on conversations
-    they trained on."""
+    training uses, with these settings: the recipes' defaults, or a run's own from `split_of_run`), so heads are
+    not measured on conversations they trained on."""
     records = load_records("sharegpt")
-    eval_indices, _ = split_indices(len(records), seed, eval_fraction, max_eval_records)
+    eval_indices, _ = split_indices(len(records), seed, eval_fraction, max_eval_records, max_records)
     out = []
     for i in eval_indices:
         text = _first_user_turn(records[i])
@@ -79,12 +80,30 @@ def load_file(path: str | Path) -> list[Prompt]:
     return out
 
 
-def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
-    """`humaneval`, `sharegpt` (held-out records only), or a file path; the first n."""
+def split_of_run(heads_dir: str | Path) -> dict:
+    """The held-out split settings of the run that trained `heads_dir` (its recipe.yaml: in the run's output
+    directory, or three levels up from a checkpoint's heads/), as load_sharegpt's keyword arguments; {} when the
+    run did not train on ShareGPT or left no recipe (then the recipes' defaults apply)."""
+    import yaml
+
+    heads_dir = Path(heads_dir)
+    for recipe in (heads_dir / "recipe.yaml", heads_dir.parent.parent.parent / "recipe.yaml"):
+        if recipe.is_file():
+            cfg = yaml.safe_load(recipe.read_text()) or {}
+            if cfg.get("data") != "sharegpt":
+                return {}
+            keys = ("seed", "eval_fraction", "max_eval_records", "max_records")
+            return {k: cfg[k] for k in keys if k in cfg}
+    return {}
+
+
+def load_prompts(source: str, n: int | None = None, split: dict | None = None) -> list[Prompt]:
+    """`humaneval`, `sharegpt` (held-out records only; `split`: load_sharegpt's split settings), or a file path;
+    the first n."""
     if source == "humaneval":
         prompts = load_humaneval()
     elif source == "sharegpt":
-        return load_sharegpt(n)
+        return load_sharegpt(n, **(split or {}))
     elif Path(source).is_file():
         prompts = load_file(source)
     else:

@@ -419,3 +419,27 @@ def test_sharegpt_package_file_is_truncated_and_recovered():
     assert "recovered 17,671 records, dropped 1" in msg and "truncated" in msg and "byte" in msg
     assert "skipping 126 of 17,671" in msg  # empty conversations
     assert len(records) == 17_671 - 126
+
+
+def test_eval_prompts_follow_the_split_of_the_run_that_trained_the_heads(tmp_path, monkeypatch):
+    """scripts/eval_heads.py --prompts sharegpt: a run that sampled max_records holds out other records than the
+    defaults would; the prompts come from the run's own held-out records, never from its training records."""
+    import yaml
+
+    from speculators import prompts
+    from speculators.records import split_indices
+
+    run = tmp_path / "run"
+    (run / "checkpoints/step_00000100/heads").mkdir(parents=True)
+    recipe = {"data": "sharegpt", "seed": 3, "eval_fraction": 0.1, "max_eval_records": 5, "max_records": 40}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    split = prompts.split_of_run(run / "checkpoints/step_00000100/heads")
+    assert split == {k: v for k, v in recipe.items() if k != "data"} == prompts.split_of_run(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "data": "my.jsonl"}))
+    assert prompts.split_of_run(run) == {}
+
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}"}]} for i in range(1000)]
+    monkeypatch.setattr(prompts, "load_records", lambda name: records)
+    got = {p.id for p in prompts.load_sharegpt(None, **split)}
+    held, train = split_indices(len(records), 3, 0.1, 5, 40)
+    assert got == {f"r{i}" for i in held} and not got & {f"r{i}" for i in train}
