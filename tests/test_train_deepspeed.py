@@ -24,6 +24,7 @@ CONFIGS = {
     "ddp": ["--config_file", "recipes/accelerate/cpu-2proc.yaml"],
     "zero2": ["--config_file", "recipes/accelerate/deepspeed-zero2.yaml", "--num_processes", "2"],
     "zero3": ["--config_file", "recipes/accelerate/deepspeed-zero3.yaml", "--num_processes", "2"],
+    "fsdp2": ["--config_file", "recipes/accelerate/cpu-2proc-fsdp2.yaml"],
 }
 
 
@@ -117,3 +118,20 @@ def test_deepspeed_gives_ddps_losses_and_resumes_after_a_kill(strategy, ddp_run,
     assert json.loads((out / "eval.json").read_text())["step"] == 12
     assert_same_heads(out, ref_out)
     assert_same_heads(out / "checkpoints/step_00000012/heads", ref_out)
+
+
+@pytest.mark.parametrize("first,then", [("ddp", "zero2"), ("fsdp2", "zero3"), ("zero3", "fsdp2")])
+def test_checkpoint_resumes_between_deepspeed_and_the_other_strategies(first, then, ddp_run, tmp_path):
+    """Killed after the step-8 checkpoint under one strategy, resumed under the other: the heads' fp32 weights, Adam
+    moments and step cross the layouts (DeepSpeed's flat ZeRO partitions <-> whole / FSDP2-sharded tensors), and
+    steps 9-12 give the uninterrupted DDP run's losses."""
+    out = tmp_path / "run"
+    res = launch(first, out, env={"SPECULATORS_TEST_EXIT_AFTER_STEP": "8"})
+    assert res.returncode != 0, res.stdout[-4000:]
+    if first.startswith("zero"):
+        assert_deepspeed_checkpoint(out / "checkpoints/step_00000008")
+    res = launch(then, out, "--resume", "auto")
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "was written under" in res.stdout and "[resume] step 8," in res.stdout, res.stdout[-3000:]
+    assert_same_losses(losses(out), losses(ddp_run[0]))
+    assert_same_heads(out, ddp_run[0])

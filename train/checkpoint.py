@@ -17,10 +17,11 @@ accelerate knows each backend's layout (sharded FSDP2 state dicts, DeepSpeed's e
 the optimizer go through it; what is per rank (the data iterator, the stage-2 pool) is written per rank, since
 accelerate's custom-object checkpointing only saves rank 0's objects.
 
-Checkpoints move between DDP / single GPU and FSDP2 (same number of processes): when the layout on disk is not the
-one this job writes, the heads and the optimizer state are read through torch.distributed.checkpoint's state-dict
-API, which knows plain, DDP and FSDP2 modules alike (`_load_across`); everything else in a checkpoint is the same
-under every backend. DeepSpeed checkpoints only resume under DeepSpeed.
+Checkpoints move between DDP / single GPU, FSDP2 and DeepSpeed (same number of processes): when the layout on disk
+is not the one this job writes, the heads and the optimizer state are read through torch.distributed.checkpoint's
+state-dict API, which knows plain, DDP and FSDP2 modules alike (`_load_across`), or, with DeepSpeed on either side,
+as whole fp32 tensors per parameter name (`_load_across_deepspeed`); everything else in a checkpoint is the same
+under every backend.
 """
 
 from __future__ import annotations
@@ -121,17 +122,20 @@ class CheckpointManager:
         elif {found, mine} <= set(PORTABLE):
             acc.print(f"[resume] {path.name} was written under {PORTABLE[found]}; loading its heads and optimizer "
                       f"state into this {PORTABLE[mine]} job")
-            _load_across(acc, path, found)
+            if "deepspeed" in (found, mine):
+                _load_across_deepspeed(acc, path, found, mine)
+            else:
+                _load_across(acc, path, found)
         else:
             raise ValueError(
                 f"checkpoint {path} has the {found!r} layout and this job writes {mine!r}: only DDP / single-GPU "
-                "('full') and FSDP2 SHARDED_STATE_DICT ('sharded') checkpoints resume under each other"
+                "('full'), FSDP2 SHARDED_STATE_DICT ('sharded') and DeepSpeed checkpoints resume under each other"
             )
         rank_state = torch.load(path / f"rank_{acc.process_index}.pt", weights_only=False)
         return shared, rank_state
 
 
-PORTABLE = {"full": "DDP / single GPU", "sharded": "FSDP2"}
+PORTABLE = {"full": "DDP / single GPU", "sharded": "FSDP2", "deepspeed": "DeepSpeed"}
 
 
 def checkpoint_layout(path: Path) -> str:
@@ -221,3 +225,168 @@ def _optimizer_by_name(state: dict, model: torch.nn.Module, opt: torch.optim.Opt
     for g_saved in state["param_groups"]:
         out["param_groups"].append({**g_saved, "params": [fqn[i] for i in g_saved["params"]]})
     return out
+
+
+# ---- DeepSpeed <-> DDP / FSDP2 -------------------------------------------------------------------------------------
+# The heads' whole state as plain tensors: {name: fp32 parameter}, {name: {"exp_avg", "exp_avg_sq"}}, Adam's step.
+
+
+def _load_across_deepspeed(acc, path: Path, found: str, mine: str) -> None:
+    """Heads + AdamW state between a DeepSpeed (ZeRO-1/2: the heads never train under ZeRO-3) and a DDP / FSDP2
+    checkpoint, then the RNG states and accelerate's step counter as acc.load_state would restore them."""
+    from accelerate.checkpointing import load_accelerator_state
+
+    if len(acc._models) != 1 or len(acc._optimizers) != 1:
+        raise ValueError("a checkpoint of another layout loads into exactly one prepared model and optimizer")
+    acc.wait_for_everyone()
+    if found == "deepspeed":
+        params, moments, step = _read_deepspeed(path / "pytorch_model")
+        _set_torch_state(acc, params, moments, step)
+    else:
+        params, moments, step = _read_torch_state(acc, path, found)
+        _set_deepspeed_state(acc, params, moments, step)
+    override = load_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.scaler)
+    if "step" in override:
+        acc.step = override["step"]
+    acc.wait_for_everyone()
+
+
+def _read_deepspeed(engine_dir: Path):
+    """Whole fp32 parameters and Adam moments from DeepSpeed's ZeRO-1/2 files: each rank's flat fp32 partition of
+    every parameter group (and the base optimizer's moments over it), joined and cut per parameter as DeepSpeed's
+    own zero_to_fp32 does for the parameters."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_states = z.parse_model_states(z.get_model_state_files(str(engine_dir)))
+    files = z.get_optim_files(str(engine_dir))
+    opt = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    if opt[0].get("zero_stage", 0) > 2 or "single_partition_of_fp32_groups" not in opt[0]:
+        raise ValueError(f"{engine_dir}: only ZeRO stage 1/2 optimizer states of the heads convert to other layouts")
+    counts = opt[0]["partition_count"]
+    world = max(counts) if isinstance(counts, list) else counts
+    if world != len(files):
+        raise ValueError(f"{engine_dir}: {len(files)} optimizer partitions for a world of {world}")
+    paddings = opt[0].get("param_alignment_paddings")
+
+    def per_name(flat_groups) -> dict:
+        out: dict = {}
+        z._zero2_merge_trainable_params(out, world, flat_groups, model_states, paddings)
+        return {k.removeprefix("module."): v.clone() for k, v in out.items()}
+
+    params = per_name([o["single_partition_of_fp32_groups"] for o in opt])
+    base = [o["base_optimizer_state"] for o in opt]
+    groups = len(opt[0]["single_partition_of_fp32_groups"])
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        # The moments cover each rank's padded partition; the saved fp32 partitions have the padding cut off.
+        flat = [[b["state"][g][key][: o["single_partition_of_fp32_groups"][g].numel()] for g in range(groups)]
+                for b, o in zip(base, opt)]
+        for name, value in per_name(flat).items():
+            moments.setdefault(name, {})[key] = value
+    step = base[0]["state"][0]["step"]
+    return params, moments, float(step)
+
+
+def _named_groups(model, opt) -> list[list[str]]:
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def _read_torch_state(acc, path: Path, found: str):
+    """Whole fp32 parameters, Adam moments and step from a DDP ('full') or FSDP2 ('sharded') checkpoint, keyed by name
+    (the DeepSpeed job's module has the same names: both wrap the same Student)."""
+    model = acc._models[0]
+    module = getattr(model, "module", model)
+    shapes = {n.removeprefix("module."): tuple(p.shape) for n, p in module.named_parameters()}
+    if found == "full":
+        if (path / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(path / "model.safetensors")
+        else:
+            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        params = {k.removeprefix("module."): v.float() for k, v in sd.items() if k.removeprefix("module.") in shapes}
+        state = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+        # Saved by index, in the order of the job's parameter groups (the trainer builds them alike everywhere).
+        order = [n for g in _deepspeed_groups(acc, module) for n in g]
+        index = [i for g in state["param_groups"] for i in g["params"]]
+        if len(order) != len(index):
+            raise ValueError("the checkpoint's optimizer has other parameters than this job's")
+        by_name = {order[k]: state["state"][i] for k, i in enumerate(index) if i in state["state"]}
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        sd = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items()}
+        dcp.load({"model": sd}, checkpoint_id=path / "pytorch_model_fsdp_0")
+        params = sd
+        osd = {n: {"step": torch.zeros(()), "exp_avg": torch.empty(s), "exp_avg_sq": torch.empty(s)} for n, s in shapes.items()}
+        dcp.load({"optimizer": {"state": osd}}, checkpoint_id=path / "optimizer_0")
+        by_name = osd
+    moments = {n: {"exp_avg": st["exp_avg"].float(), "exp_avg_sq": st["exp_avg_sq"].float()} for n, st in by_name.items()}
+    steps = {float(st["step"]) for st in by_name.values()}
+    if len(steps) != 1:
+        raise ValueError(f"the checkpoint's parameters were stepped unequally often: {sorted(steps)}")
+    for n, v in params.items():
+        if tuple(v.shape) != shapes[n]:
+            raise ValueError(f"{n} has shape {tuple(v.shape)} in the checkpoint, {shapes[n]} in this job")
+    return params, moments, steps.pop()
+
+
+def _deepspeed_groups(acc, module) -> list[list[str]]:
+    """Parameter names per group of the DeepSpeed job's client optimizer (DeepSpeed keeps its groups in order)."""
+    zero = acc._models[0].optimizer
+    names = {id(p): n.removeprefix("module.") for n, p in module.named_parameters()}
+    return [[names[id(p)] for p in group] for group in zero.bit16_groups]
+
+
+def _set_deepspeed_state(acc, params: dict, moments: dict, step: float) -> None:
+    """Into a DeepSpeed ZeRO-1/2 engine: the module's (full) weights, each rank's fp32 master partition, and the base
+    optimizer's moments over it, written fragment by fragment through DeepSpeed's parameter-to-partition maps."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    engine = acc._models[0]
+    zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise ValueError(f"{type(zero).__name__}: only ZeRO stage 1/2 heads load a checkpoint of another layout")
+    names = {id(p): n.removeprefix("module.") for n, p in engine.module.named_parameters()}
+    missing = sorted(set(names.values()) - set(params))
+    if missing:
+        raise ValueError(f"the checkpoint lacks the heads' parameters {missing}")
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            value = params[names[id(p)]].to(p.device)
+            p.copy_(value.to(p.dtype))
+            safe_set_full_fp32_param(p, value)
+        base = zero.optimizer
+        for flat, group in zip(zero.single_partition_of_fp32_groups, zero.bit16_groups):
+            state = {"step": torch.tensor(step, dtype=torch.float32)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                buf = torch.zeros_like(flat)
+                for p in group:
+                    m = getattr(p, "_hp_mapping", None)
+                    if m is None:  # no fragment of this parameter in this rank's partition
+                        continue
+                    lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                    src = moments[names[id(p)]][key].to(buf.device).flatten()
+                    buf.narrow(0, hp.start, hp.numel).copy_(src.narrow(0, lp.start, lp.numel))
+                state[key] = buf
+            base.state[flat] = state
+
+
+def _set_torch_state(acc, params: dict, moments: dict, step: float) -> None:
+    """Into a DDP / FSDP2 job: whole tensors through torch.distributed.checkpoint's state-dict API (each FSDP2 rank
+    keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    model, opt = acc._models[0], acc._optimizers[0].optimizer
+    full = StateDictOptions(full_state_dict=True)
+    groups = _named_groups(model, opt)
+    wanted = [n for g in groups for n in g]  # one order on every rank: the loads below are collective under FSDP2
+    if set(wanted) - set(params):
+        raise ValueError(f"the checkpoint lacks the heads' parameters {sorted(set(wanted) - set(params))}")
+    set_model_state_dict(model, {n: params[n] for n in wanted}, options=full)
+    osd = {
+        "state": {n: {"step": torch.tensor(step, dtype=torch.float32), **moments[n]} for n in wanted},
+        "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": names} for g, names in zip(opt.param_groups, groups)],
+    }
+    set_optimizer_state_dict(model, opt, osd, options=full)

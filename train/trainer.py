@@ -181,6 +181,10 @@ class Trainer:
         shared, rank_state = self.checkpoints.load(path)
         self.step, self.tokens = shared["step"], shared["tokens"]
         self.scheduler.load_state_dict(shared["scheduler"])
+        # The next step's learning rate, whatever the layout: a checkpoint written under another backend brings its
+        # optimizer state by parameter, not its param groups (LambdaLR.load_state_dict leaves them as they are).
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.train_batches.load_state_dict(rank_state["data"])
         if self.stage2 is not None and rank_state.get("stage2"):
             self.stage2.load_state_dict(rank_state["stage2"])
