@@ -19,8 +19,8 @@ accelerate's custom-object checkpointing only saves rank 0's objects.
 
 Checkpoints move between DDP / single GPU, FSDP2 and DeepSpeed (same number of processes): when the layout on disk
 is not the one this job writes, the heads and the optimizer state are read through torch.distributed.checkpoint's
-state-dict API, which knows plain, DDP and FSDP2 modules alike (`_load_across`), or, with DeepSpeed on either side,
-as whole fp32 tensors per parameter name (`_load_across_deepspeed`); everything else in a checkpoint is the same
+state-dict API, which knows plain, DDP and FSDP2 modules alike or, with DeepSpeed on either side,
+as whole fp32 tensors per parameter name (`_load_across`); everything else in a checkpoint is the same
 under every backend.
 """
 
@@ -122,10 +122,7 @@ class CheckpointManager:
         elif {found, mine} <= set(PORTABLE):
             acc.print(f"[resume] {path.name} was written under {PORTABLE[found]}; loading its heads and optimizer "
                       f"state into this {PORTABLE[mine]} job")
-            if "deepspeed" in (found, mine):
-                _load_across_deepspeed(acc, path, found, mine)
-            else:
-                _load_across(acc, path, found)
+            _load_across(acc, path, found, mine)
         else:
             raise ValueError(
                 f"checkpoint {path} has the {found!r} layout and this job writes {mine!r}: only DDP / single-GPU "
@@ -164,55 +161,61 @@ def job_layout(acc) -> str:
     return "full"
 
 
-def _load_across(acc, path: Path, found: str) -> None:
-    """Heads + optimizer from a checkpoint of the other layout ('full' <-> 'sharded'), then what acc.load_state
-    restores besides them (RNG states, grad scaler, accelerate's step counter), from the same files.
+def _load_across(acc, path: Path, found: str, mine: str) -> None:
+    """Heads + optimizer from a checkpoint of another layout, then what acc.load_state restores besides them (RNG
+    states, grad scaler, accelerate's step counter), from the same files.
 
-    'sharded' -> DDP / single: torch.distributed.checkpoint reads the shards into whole tensors.
-    'full' -> FSDP2: the whole tensors are read on every rank and each rank keeps its shard (full_state_dict).
-    Both go through the FQN-keyed state dicts of torch.distributed.checkpoint.state_dict; the optimizer file of
-    a 'full' checkpoint is keyed by parameter index, mapped to names by this job's optimizer, which the trainer
-    builds in the same order under every backend (shapes are checked).
+    'full' <-> 'sharded' (DDP / single <-> FSDP2): through the FQN-keyed state dicts of
+    torch.distributed.checkpoint.state_dict. 'sharded' -> DDP / single: torch.distributed.checkpoint reads the shards
+    into whole tensors; 'full' -> FSDP2: the whole tensors are read on every rank and each rank keeps its shard.
+    With DeepSpeed (ZeRO-1/2: the heads never train under ZeRO-3) on either side: the heads' whole state as plain
+    tensors, {name: fp32 parameter}, {name: {"exp_avg", "exp_avg_sq"}} and Adam's step, cut out of or written into
+    DeepSpeed's flat partitions.
     """
-    import torch.distributed.checkpoint as dcp
     from accelerate.checkpointing import load_accelerator_state
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-    )
 
     if len(acc._models) != 1 or len(acc._optimizers) != 1:
         raise ValueError("a checkpoint of another layout loads into exactly one prepared model and optimizer")
-    model, opt = acc._models[0], acc._optimizers[0].optimizer
     acc.wait_for_everyone()
-    if found == "sharded":
-        sd = get_model_state_dict(model)
-        dcp.load({"model": sd}, checkpoint_id=path / "pytorch_model_fsdp_0")
-        set_model_state_dict(model, sd)
-        osd = get_optimizer_state_dict(model, opt)  # initialises the optimizer state, then filled in place
-        dcp.load({"optimizer": osd}, checkpoint_id=path / "optimizer_0")
-        set_optimizer_state_dict(model, opt, osd)
+    if found == "deepspeed":
+        _set_torch_state(acc, *_read_deepspeed(path / "pytorch_model"))
+    elif mine == "deepspeed":
+        _set_deepspeed_state(acc, *_read_torch_state(acc, path, found))
     else:
-        full = StateDictOptions(full_state_dict=True)
-        if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            sd = load_file(path / "model.safetensors")
-        else:
-            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        set_model_state_dict(model, {k.removeprefix("module."): v for k, v in sd.items()}, options=full)
-        by_index = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, opt, _optimizer_by_name(by_index, model, opt), options=full)
+        _load_full_sharded(acc, path, found)
     override = load_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.scaler)
     if "step" in override:
         acc.step = override["step"]
     acc.wait_for_everyone()
 
 
-def _optimizer_by_name(state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """`optimizer.state_dict()` (parameters by index) -> the FQN-keyed form of torch.distributed.checkpoint."""
-    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-    shapes = {names[id(p)]: tuple(p.shape) for g in opt.param_groups for p in g["params"]}  # global shapes (DTensor)
+def _param_names(module: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name as every layout writes it (no DDP / DeepSpeed `module.` prefix)."""
+    return {id(p): n.removeprefix("module.") for n, p in module.named_parameters()}
+
+
+def _named_groups(module: torch.nn.Module, groups) -> list[list[str]]:
+    """Parameter names per group, for groups given as lists of `module`'s parameters."""
+    names = _param_names(module)
+    return [[names[id(p)] for p in group] for group in groups]
+
+
+def _read_full_model(path: Path) -> dict[str, torch.Tensor]:
+    """The heads' whole state dict from a 'full' checkpoint, names without the `module.` prefix."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(path / "model.safetensors")
+    else:
+        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _optimizer_by_name(state: dict, groups: list[list[str]], shapes: dict[str, tuple]) -> dict:
+    """`optimizer.state_dict()` (parameters by index) -> the FQN-keyed form of torch.distributed.checkpoint.
+
+    `groups`: this job's parameter names per optimizer group, which the trainer builds in the same order under
+    every backend; `shapes`: their global shapes, checked against the saved state."""
     if [len(g["params"]) for g in state["param_groups"]] != [len(g) for g in groups]:
         raise ValueError("the checkpoint's optimizer has other parameter groups than this job's")
     fqn = {i: n for g_saved, g in zip(state["param_groups"], groups) for i, n in zip(g_saved["params"], g)}
@@ -227,28 +230,28 @@ def _optimizer_by_name(state: dict, model: torch.nn.Module, opt: torch.optim.Opt
     return out
 
 
-# ---- DeepSpeed <-> DDP / FSDP2 -------------------------------------------------------------------------------------
-# The heads' whole state as plain tensors: {name: fp32 parameter}, {name: {"exp_avg", "exp_avg_sq"}}, Adam's step.
+def _load_full_sharded(acc, path: Path, found: str) -> None:
+    """'sharded' -> DDP / single, or 'full' -> FSDP2 (see _load_across)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
 
-
-def _load_across_deepspeed(acc, path: Path, found: str, mine: str) -> None:
-    """Heads + AdamW state between a DeepSpeed (ZeRO-1/2: the heads never train under ZeRO-3) and a DDP / FSDP2
-    checkpoint, then the RNG states and accelerate's step counter as acc.load_state would restore them."""
-    from accelerate.checkpointing import load_accelerator_state
-
-    if len(acc._models) != 1 or len(acc._optimizers) != 1:
-        raise ValueError("a checkpoint of another layout loads into exactly one prepared model and optimizer")
-    acc.wait_for_everyone()
-    if found == "deepspeed":
-        params, moments, step = _read_deepspeed(path / "pytorch_model")
-        _set_torch_state(acc, params, moments, step)
+    model, opt = acc._models[0], acc._optimizers[0].optimizer
+    if found == "sharded":
+        sd = get_model_state_dict(model)
+        dcp.load({"model": sd}, checkpoint_id=path / "pytorch_model_fsdp_0")
+        set_model_state_dict(model, sd)
+        osd = get_optimizer_state_dict(model, opt)  # initialises the optimizer state, then filled in place
+        dcp.load({"optimizer": osd}, checkpoint_id=path / "optimizer_0")
+        set_optimizer_state_dict(model, opt, osd)
     else:
-        params, moments, step = _read_torch_state(acc, path, found)
-        _set_deepspeed_state(acc, params, moments, step)
-    override = load_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.scaler)
-    if "step" in override:
-        acc.step = override["step"]
-    acc.wait_for_everyone()
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, _read_full_model(path), options=full)
+        by_index = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+        shapes = {n.removeprefix("module."): tuple(p.shape) for n, p in model.named_parameters()}  # global (DTensor)
+        by_name = _optimizer_by_name(by_index, _named_groups(model, [g["params"] for g in opt.param_groups]), shapes)
+        set_optimizer_state_dict(model, opt, by_name, options=full)
 
 
 def _read_deepspeed(engine_dir: Path):
@@ -287,41 +290,23 @@ def _read_deepspeed(engine_dir: Path):
     return params, moments, float(step)
 
 
-def _named_groups(model, opt) -> list[list[str]]:
-    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-
-
 def _read_torch_state(acc, path: Path, found: str):
-    """Whole fp32 parameters, Adam moments and step from a DDP ('full') or FSDP2 ('sharded') checkpoint, keyed by name
-    (the DeepSpeed job's module has the same names: both wrap the same Student)."""
-    model = acc._models[0]
-    module = getattr(model, "module", model)
-    shapes = {n.removeprefix("module."): tuple(p.shape) for n, p in module.named_parameters()}
+    """Whole fp32 parameters, Adam moments and step from a DDP ('full') or FSDP2 ('sharded') checkpoint, keyed by
+    name, for this DeepSpeed job (its module has the same names: both wrap the same Student)."""
+    engine = acc._models[0]
+    shapes = {n.removeprefix("module."): tuple(p.shape) for n, p in engine.module.named_parameters()}
     if found == "full":
-        if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            sd = load_file(path / "model.safetensors")
-        else:
-            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        params = {k.removeprefix("module."): v.float() for k, v in sd.items() if k.removeprefix("module.") in shapes}
-        state = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
-        # Saved by index, in the order of the job's parameter groups (the trainer builds them alike everywhere).
-        order = [n for g in _deepspeed_groups(acc, module) for n in g]
-        index = [i for g in state["param_groups"] for i in g["params"]]
-        if len(order) != len(index):
-            raise ValueError("the checkpoint's optimizer has other parameters than this job's")
-        by_name = {order[k]: state["state"][i] for k, i in enumerate(index) if i in state["state"]}
+        params = {k: v.float() for k, v in _read_full_model(path).items() if k in shapes}
+        by_index = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+        # DeepSpeed keeps the client optimizer's groups, in order, as bit16_groups.
+        by_name = _optimizer_by_name(by_index, _named_groups(engine.module, engine.optimizer.bit16_groups), shapes)["state"]
     else:
         import torch.distributed.checkpoint as dcp
 
-        sd = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items()}
-        dcp.load({"model": sd}, checkpoint_id=path / "pytorch_model_fsdp_0")
-        params = sd
-        osd = {n: {"step": torch.zeros(()), "exp_avg": torch.empty(s), "exp_avg_sq": torch.empty(s)} for n, s in shapes.items()}
-        dcp.load({"optimizer": {"state": osd}}, checkpoint_id=path / "optimizer_0")
-        by_name = osd
+        params = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items()}
+        dcp.load({"model": params}, checkpoint_id=path / "pytorch_model_fsdp_0")
+        by_name = {n: {"step": torch.zeros(()), "exp_avg": torch.empty(s), "exp_avg_sq": torch.empty(s)} for n, s in shapes.items()}
+        dcp.load({"optimizer": {"state": by_name}}, checkpoint_id=path / "optimizer_0")
     moments = {n: {"exp_avg": st["exp_avg"].float(), "exp_avg_sq": st["exp_avg_sq"].float()} for n, st in by_name.items()}
     steps = {float(st["step"]) for st in by_name.values()}
     if len(steps) != 1:
@@ -330,13 +315,6 @@ def _read_torch_state(acc, path: Path, found: str):
         if tuple(v.shape) != shapes[n]:
             raise ValueError(f"{n} has shape {tuple(v.shape)} in the checkpoint, {shapes[n]} in this job")
     return params, moments, steps.pop()
-
-
-def _deepspeed_groups(acc, module) -> list[list[str]]:
-    """Parameter names per group of the DeepSpeed job's client optimizer (DeepSpeed keeps its groups in order)."""
-    zero = acc._models[0].optimizer
-    names = {id(p): n.removeprefix("module.") for n, p in module.named_parameters()}
-    return [[names[id(p)] for p in group] for group in zero.bit16_groups]
 
 
 def _set_deepspeed_state(acc, params: dict, moments: dict, step: float) -> None:
@@ -348,7 +326,7 @@ def _set_deepspeed_state(acc, params: dict, moments: dict, step: float) -> None:
     zero = engine.optimizer
     if not hasattr(zero, "single_partition_of_fp32_groups"):
         raise ValueError(f"{type(zero).__name__}: only ZeRO stage 1/2 heads load a checkpoint of another layout")
-    names = {id(p): n.removeprefix("module.") for n, p in engine.module.named_parameters()}
+    names = _param_names(engine.module)
     missing = sorted(set(names.values()) - set(params))
     if missing:
         raise ValueError(f"the checkpoint lacks the heads' parameters {missing}")
@@ -380,7 +358,7 @@ def _set_torch_state(acc, params: dict, moments: dict, step: float) -> None:
 
     model, opt = acc._models[0], acc._optimizers[0].optimizer
     full = StateDictOptions(full_state_dict=True)
-    groups = _named_groups(model, opt)
+    groups = _named_groups(model, [g["params"] for g in opt.param_groups])
     wanted = [n for g in groups for n in g]  # one order on every rank: the loads below are collective under FSDP2
     if set(wanted) - set(params):
         raise ValueError(f"the checkpoint lacks the heads' parameters {sorted(set(wanted) - set(params))}")
