@@ -124,19 +124,10 @@ def train(budget: Budget, target_dir: Path, heads_dir: Path, overrides: dict, ex
 
 def held_out_sharegpt(n: int, cfg) -> list:
     """First user turns of ShareGPT records that this training run held out (its seed, eval share and max_records)."""
-    from speculators.prompts import Prompt, _first_user_turn
-    from speculators.records import load_records, split_indices
+    from speculators.prompts import load_sharegpt
 
-    records = load_records("sharegpt")
-    eval_idx, _ = split_indices(len(records), cfg.seed, cfg.eval_fraction, cfg.max_eval_records, cfg.max_records)
-    out = []
-    for i in eval_idx:
-        text = _first_user_turn(records[i])
-        if text and text.strip():
-            out.append(Prompt(str(records[i].get("id", f"sharegpt-{i}")), text))
-        if len(out) == n:
-            break
-    return out
+    return load_sharegpt(n, seed=cfg.seed, eval_fraction=cfg.eval_fraction, max_eval_records=cfg.max_eval_records,
+                         max_records=cfg.max_records)
 
 
 # ---- 4. report --------------------------------------------------------------------------------------------------
