@@ -100,5 +100,5 @@ def test_a_random_target_too_large_for_one_process_is_built_shard_by_shard(tmp_p
     assert sorted(steps) == list(range(1, 13)) and all(v[0] == v[0] for v in steps.values())  # no NaN
     assert steps[12][0] < steps[1][0]
 
-    res = strategy_runs.launch(["--config_file", str(ROOT / CONFIGS["ddp"])], tmp_path / "ddp", "--random_target_init", "sharded")
+    res = launch("ddp", tmp_path / "ddp", "--random_target_init", "sharded")
     assert res.returncode != 0 and "random_target_init: sharded needs a sharded target" in res.stdout, res.stdout[-3000:]
