@@ -20,6 +20,13 @@ Anatomy of one decode step (`_step`), all on the device, captured as one CUDA gr
     7. commit:  seq_len += a + 1, new root / hidden / prev; out[:, 0] = a + 1, out[:, 1:] = emitted tokens
 The host then reads `out` (the one device-to-host copy and sync per step), appends tokens, checks stops,
 and frees finished slots. Rows in the bucket without a request compute on filler and are ignored.
+
+Async scheduling (vLLM's name for it): the next step only needs the slot state on the device, so it is
+launched before the host reads the previous step's `out` (copied into a pinned buffer behind an event); the
+host's bookkeeping then overlaps the GPU's next step instead of leaving the GPU idle. A request that ended in
+the step being read (EOS, a stop string) has taken part in the next step too; its tokens there are dropped.
+The engine waits for the step in flight instead (drains) before a prefill, and when a request could reach
+max_tokens in it, so that no step runs past a request's length limit.
 """
 
 from __future__ import annotations
@@ -54,6 +61,19 @@ def buckets(smallest: int, largest: int) -> list[int]:
 
 def bucket_for(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
+
+
+@dataclass
+class InFlight:
+    """A launched decode step whose results the host has not read yet."""
+
+    rows: list[tuple[Request, int]]  # (request, slot) of every running request
+    B: int
+    shape: TreeShape
+    out: torch.Tensor  # [B, depth + 2] host copy of state.out (pinned on CUDA; complete once `event` is)
+    event: torch.cuda.Event | None
+    issued: float  # perf_counter at launch
+    captured: bool  # the launch captured a graph: its time says nothing about later steps
 
 
 @dataclass
@@ -116,7 +136,8 @@ class LLMEngine:
     `add_request`, `step`, `abort_request`, `has_unfinished_requests`."""
 
     def __init__(self, target, tokenizer=None, *, drafter=None, eos_token_ids=(), max_model_len: int, max_num_seqs: int,
-                 device, enforce_eager: bool = False, adaptive: bool = True, seed: int = 0, compile_backend: str | None = None):
+                 device, enforce_eager: bool = False, adaptive: bool = True, seed: int = 0, compile_backend: str | None = None,
+                 async_scheduling: bool = True):
         self.target = target
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -163,12 +184,21 @@ class LLMEngine:
         self.graphs = StepGraphs(self.device, use_graphs=capturable and not enforce_eager, save=self.state.save, restore=self.state.restore)
         self.adaptive = AdaptiveSpeculation(self.shapes, adaptive=adaptive)
 
+        self.async_scheduling = async_scheduling
+        self.inflight: InFlight | None = None
+        # Two host buffers for `out`: step t + 1 is launched before step t's copy is read.
+        pinned = self.device.type == "cuda"
+        self._out_host = [torch.zeros(self.n_slots, self.max_depth + 2, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._out_next = 0
+        self._last_done = 0.0
+
         self.rng = random.Random(seed)
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.slots: list[Request | None] = [None] * self.n_slots
         self.seq_len = [0] * self.n_slots  # host mirror of state.seq_len
-        self.stats = {"steps": 0, "tokens": 0, "step_seconds": 0.0, "prefills": 0, "prefill_seconds": 0.0, "shapes": {}}
+        self.stats = {"steps": 0, "tokens": 0, "step_seconds": 0.0, "prefills": 0, "prefill_seconds": 0.0, "shapes": {},
+                      "overlapped": 0}  # steps launched before the previous one was read
 
     # ---- vLLM LLMEngine API ----------------------------------------------------------------------------------
 
@@ -213,22 +243,33 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Prefill waiting requests into free slots, run one decode step for all running requests, and return
-        the outputs to report (per each request's output_kind)."""
+        the outputs to report (per each request's output_kind). With async scheduling, the decode step's tokens
+        are reported by the next call, which launches the step after it first."""
         if getattr(self.target, "kv", None) is not self._cache:
             raise RuntimeError("this engine's model was given to another engine, which re-allocated its KV cache")
-        touched: list[Request] = []
-        while self.waiting and None in self.slots:
-            req = self.waiting.popleft()
-            self._prefill(req, self.slots.index(None))
-            touched.append(req)
-            if req.finished:  # its first token ended it: the slot must not take part in the decode step
-                self._free(req)
+        touched: dict[str, Request] = {}
+        if self.waiting and None in self.slots:
+            self._drain(touched)  # a prefill syncs anyway, and its slot may be one the step in flight frees
+            while self.waiting and None in self.slots:
+                req = self.waiting.popleft()
+                self._prefill(req, self.slots.index(None))
+                touched[req.request_id] = req
+                if req.finished:  # its first token ended it: the slot must not take part in the decode step
+                    self._free(req)
         running = [r for r in self.slots if r is not None and not r.finished]
+        if self.inflight is not None and not self._can_overlap(running):
+            self._drain(touched)
+            running = [r for r in running if not r.finished]
+        previous, self.inflight = self.inflight, None
         if running:
-            self._decode(running)
-            touched += [r for r in running if r not in touched]
+            self.inflight = self._launch(running, previous)
+            self.stats["overlapped"] += previous is not None
+            if not self.async_scheduling:
+                self._drain(touched)
+        if previous is not None:
+            self._collect(previous, touched)
         outputs = []
-        for req in touched:
+        for req in touched.values():
             out = req.output()
             if out is not None:
                 outputs.append(out)
@@ -306,9 +347,17 @@ class LLMEngine:
         st.out[:B, 0].copy_(a + 1)
         st.out[:B, 1 : h + 2].copy_(emitted)
 
-    def _decode(self, running: list[Request]) -> None:
+    def _can_overlap(self, running: list[Request]) -> bool:
+        """Whether the next step may be launched before the one in flight is read: not if a request could reach
+        its max_tokens (or the context length) in the step in flight, as the next step would run past it."""
+        step = self.inflight.shape.depth + 1  # the most tokens a step emits per request
+        return self.async_scheduling and all(len(r.output_ids) + step < r.max_tokens for r in running)
+
+    def _launch(self, running: list[Request], inflight: InFlight | None) -> InFlight:
+        """Choose the shape and buckets, launch one decode step, and start copying its `out` to the host."""
         B = bucket_for(max(r.slot for r in running) + 1, self.batch_buckets)
-        longest = max(self.seq_len[r.slot] for r in running)
+        # The host mirror of seq_len lags the step in flight by at most its depth + 1 tokens.
+        longest = max(self.seq_len[r.slot] for r in running) + (inflight.shape.depth + 1 if inflight else 0)
         mode = self._mode([r.params for r in running])
         for shape in self.adaptive.needs_timing(B):
             S = bucket_for(longest + shape.n_nodes, self.seq_buckets)
@@ -318,22 +367,51 @@ class LLMEngine:
         S = bucket_for(longest + shape.n_nodes, self.seq_buckets)  # attention reads cache slots [0, S) only
         start, captured = time.perf_counter(), len(self.graphs.graphs)
         self.graphs.run((B, S, shape, mode), lambda: self._step(B, S, shape, mode))
-        out = self.state.out[:B, : shape.depth + 2].tolist()  # the one device-to-host copy of the step
-        seconds = time.perf_counter() - start
+        out = self._out_host[self._out_next][:B, : shape.depth + 2]
+        self._out_next ^= 1
+        event = None
+        if self.device.type == "cuda":
+            out.copy_(self.state.out[:B, : shape.depth + 2], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            out.copy_(self.state.out[:B, : shape.depth + 2])
+        return InFlight([(r, r.slot) for r in running], B, shape, out, event, start, len(self.graphs.graphs) != captured)
+
+    def _drain(self, touched: dict[str, Request]) -> None:
+        """Read the step in flight, if any (the engine is then in step with the device)."""
+        if self.inflight is not None:
+            inflight, self.inflight = self.inflight, None
+            self._collect(inflight, touched)
+
+    def _collect(self, inflight: InFlight, touched: dict[str, Request]) -> None:
+        """Wait for a launched step, append its tokens to its requests, free the slots of finished ones."""
+        if inflight.event is not None:
+            inflight.event.synchronize()
+        out = inflight.out.tolist()  # the one device-to-host read of the step
+        done = time.perf_counter()
+        # Launch to results, less any time the previous step still held the GPU (overlapped launches).
+        seconds = done - max(inflight.issued, self._last_done)
+        self._last_done = done
+        shape = inflight.shape
         self.stats["step_seconds"] += seconds
-        if len(self.graphs.graphs) == captured:  # a step that captured a graph says nothing about later ones
-            self.adaptive.observe_latency(B, shape, seconds)
+        if not inflight.captured:  # a step that captured a graph says nothing about later ones
+            self.adaptive.observe_latency(inflight.B, shape, seconds)
         self.stats["steps"] += 1
         self.stats["shapes"][shape.name] = self.stats["shapes"].get(shape.name, 0) + 1
         accepted = []
-        for req in running:
-            row = out[req.slot]
-            n = row[0]
-            self.seq_len[req.slot] += n
+        for req, slot in inflight.rows:
+            if req.finished or req.slot != slot:  # ended (or aborted) in an earlier step: these tokens are void
+                continue
+            n = out[slot][0]
             accepted.append(n - 1)
+            self.seq_len[slot] += n
             before = len(req.output_ids)
-            req.append(row[1 : 1 + n], drafted=n - 1, depth=shape.depth)
+            req.append(out[slot][1 : 1 + n], drafted=n - 1, depth=shape.depth)
             self.stats["tokens"] += len(req.output_ids) - before
+            touched[req.request_id] = req
+            if req.finished:
+                self._free(req)
         self.adaptive.update(shape, accepted)
 
     @torch.no_grad()
@@ -344,6 +422,7 @@ class LLMEngine:
         timed run or a server's first requests. Needs an idle engine; returns the seconds it took."""
         if self.requests:
             raise RuntimeError("warmup needs an idle engine: requests are queued or running")
+        self._drain({})
         start = time.perf_counter()
         max_len = min(max_len or self.max_model_len, self.max_model_len)
         top = bucket_for(min(max_batch or self.n_slots, self.n_slots), self.batch_buckets)

@@ -229,12 +229,20 @@ def cmd_decode(args) -> dict:
     engine = engine_for(target, None, 1, max_len)
     run(engine, prompt, args.new_tokens)  # compiles and captures every sequence bucket
     warm = time.perf_counter() - t0
-    runs = [run(engine, prompt, args.new_tokens) for _ in range(args.repeats)]
-    tok_s = statistics.median(r["decode_tok_s"] for r in runs)
-    rows = [{"impl": "ours (compiled + CUDA graphs)", "tok/s": tok_s, "ms/token": 1e3 / tok_s, "% of floor": 100 * tok_s / floor,
-             "warmup s": warm}]
-    result = {"bandwidth_TBps": bw / 1e12, "weight_GB": nbytes / 1e9, "floor_tok_s": floor, "ours_tok_s": tok_s,
-              "end_to_end_tok_s": statistics.median(r["tok_s"] for r in runs), "warmup_s": warm}
+    # Async scheduling (the default) against reading every step's token before launching the next, interleaved.
+    runs = {True: [], False: []}
+    for _ in range(args.repeats):
+        for flag in (False, True):
+            engine.async_scheduling = flag
+            runs[flag].append(run(engine, prompt, args.new_tokens))
+    rows, result = [], {"bandwidth_TBps": bw / 1e12, "weight_GB": nbytes / 1e9, "floor_tok_s": floor, "warmup_s": warm}
+    for flag, label, key in ((False, "ours, host reads each step first", "sync"), (True, "ours, async scheduling", "ours")):
+        tok_s = statistics.median(r["decode_tok_s"] for r in runs[flag])
+        rows.append({"impl": label, "tok/s": tok_s, "ms/token": 1e3 / tok_s, "% of floor": 100 * tok_s / floor, "warmup s": warm})
+        result[f"{key}_tok_s"] = tok_s
+        result[f"{key}_end_to_end_tok_s"] = statistics.median(r["tok_s"] for r in runs[flag])
+    if args.profile:
+        result["profile"] = profile_decode(engine, prompt, args.new_tokens, args.profile)
     if args.hf_baseline:
         del engine, target
         torch.cuda.empty_cache()
@@ -248,6 +256,24 @@ def cmd_decode(args) -> dict:
     table(rows, f"(a) plain decode, batch 1, {args.new_tokens} new tokens, {args.target}: weights {nbytes / 1e9:.2f} GB, "
                 f"copy bandwidth {bw / 1e12:.2f} TB/s -> floor {floor:.0f} tok/s")
     return result
+
+
+def profile_decode(engine, prompt, new_tokens: int, path: str) -> dict:
+    """torch.profiler over one generation: kernels per token, GPU-busy time per token, the top kernels (to path)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = run(engine, prompt, new_tokens)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in events)
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    Path(path).write_text(text)
+    tokens = r["tokens"]
+    out = {"kernels_per_token": len(events) / tokens, "gpu_busy_ms_per_token": busy_us / 1e3 / tokens,
+           "wall_ms_per_token": 1e3 * r["wall"] / tokens}
+    print(f"profile: {out['kernels_per_token']:.0f} kernels / token, GPU busy {out['gpu_busy_ms_per_token']:.3f} ms of "
+          f"{out['wall_ms_per_token']:.3f} ms per token (prefill included); top kernels in {path}")
+    return out
 
 
 def hf_baseline(config, args) -> tuple[float, float]:
@@ -347,6 +373,7 @@ def main() -> int:
     a.add_argument("--new-tokens", type=int, default=256)
     a.add_argument("--repeats", type=int, default=3)
     a.add_argument("--hf-baseline", action="store_true", help="also time transformers' static cache + torch.compile")
+    a.add_argument("--profile", help="profile one generation with torch.profiler and write its kernel table here")
     b = sub.add_parser("spec", help="(b) batch-1 speculative decoding on HumanEval, (c) throughput across batch sizes")
     b.add_argument("--target", default="random:qwen2.5-1.5b")
     b.add_argument("--heads", help="heads directory / hub id, or 'random' (random weights, --draft-vocab rows)")

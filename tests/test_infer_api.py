@@ -264,3 +264,48 @@ def test_warmup_runs_every_step_shape_and_changes_no_output():
     warmed.engine.add_request("busy", [1, 2, 3], greedy(5))
     with pytest.raises(RuntimeError, match="idle engine"):
         warmed.warmup()
+
+
+@pytest.mark.parametrize("spec_name", ["plain", "draft_self"])
+def test_async_scheduling_changes_no_output(spec_name):
+    """Launching step t + 1 before reading step t (the default) gives what reading every step first gives, with
+    requests ending mid-flight by a stop token, a stop string, max_tokens and an abort, more requests than slots."""
+    engine = llm(spec_name, max_num_seqs=2).engine
+    probe = llm(spec_name, max_num_seqs=2).generate(PROMPT, greedy(30), use_tqdm=False)[0].outputs[0]
+    stop_id = probe.token_ids[12]  # a token the continuation reaches mid-way
+    stop_str = probe.text[5:7]
+    requests = {
+        "stop_id": (None, greedy(30, stop_token_ids=[stop_id])),
+        "stop_str": (None, greedy(30, stop=[stop_str])),
+        "short": ([9] * 7, greedy(5)),
+        "long": ([20, 21], greedy(33)),
+        "aborted": ([7, 8], greedy(40)),
+        "one": ([5], greedy(1)),
+    }
+
+    def run(async_scheduling: bool):
+        engine.async_scheduling = async_scheduling
+        tok = engine.tokenizer
+        for rid, (p, params) in requests.items():
+            ids = p if p is not None else tok.encode(PROMPT)
+            engine.add_request(rid, ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY))
+        before = engine.stats["overlapped"]
+        done, steps = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].text, out.outputs[0].finish_reason)
+            steps += 1
+            if steps == 4:
+                engine.abort_request("aborted")
+        return done, engine.stats["overlapped"] - before
+
+    try:
+        sync, overlapped_sync = run(False)
+        overlapped, n_overlapped = run(True)
+    finally:
+        engine.async_scheduling = True
+    assert overlapped_sync == 0 and n_overlapped > 5
+    assert set(sync) == set(requests) - {"aborted"}
+    assert overlapped == sync
+    assert sync["stop_id"][2] == "stop" and len(sync["stop_id"][0]) <= 13
+    assert sync["stop_str"][2] == "stop" and len(sync["short"][0]) == 5 and len(sync["long"][0]) == 33
