@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (compile, allocator, autotune)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--profile", default=None, help="profile 2 training steps; write the kernel table to this file")
     parser.add_argument("--random-tokens", action="store_true",
                         help="time on random token rows of the recipe's shape (random-weight targets at real sizes)")
     args, rest = parser.parse_known_args(argv)
@@ -87,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         sync(device)
         step_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(2):
+                    trainer.train_step()
+                sync(device)
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
 
         fwd_tps = tokens_per_batch * len(timed_batches) / fwd_s
         step_tps = tokens_per_batch * args.steps * cfg.grad_accum / step_s

@@ -286,3 +286,28 @@ def test_sharded_random_init_fills_a_meta_built_target_like_transformers_would()
         torch.testing.assert_close(b, c, msg=name)  # rotary tables kept, not left uninitialised
     with pytest.raises(ConfigError, match="random_target_init: sharded is for random: targets"):
         load_config(["--target", "some/model", "--random_target_init", "sharded"])
+
+
+def test_teacher_logits_once_for_all_heads_equal_per_chunk(monkeypatch):
+    """Soft labels from the hidden states: the draft-vocabulary teacher logits computed once for every head (the
+    default while they fit) give the loss and gradients of computing them per head and chunk, scale included."""
+    from speculators.train import student as student_module
+    from speculators.train.student import Student
+
+    torch.manual_seed(0)
+    heads = MLPSpeculator(MLPSpeculatorConfig(vocab_size=50, emb_dim=16, inner_dim=16, n_predict=3)).double()
+    student = Student(heads, "mix", 0.7, chunk_tokens=5)
+    hidden, ids = torch.randn(2, 9, 16, dtype=torch.float64), torch.randint(0, 50, (2, 6 + 3 + 1))
+    lm = torch.randn(50, 16, dtype=torch.float64)
+
+    def run():
+        heads.zero_grad()
+        out = student(hidden, ids, soft_weight=lm, soft_scale=0.5)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in heads.parameters()]
+
+    once = run()
+    monkeypatch.setattr(student_module, "TEACHER_LOGITS_ELEMENTS", 0)
+    per_chunk = run()
+    assert torch.allclose(once[0], per_chunk[0], rtol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(once[1], per_chunk[1]))

@@ -1,10 +1,14 @@
 """Chunked fused output layer + loss: a head's logits never exist in full, nothing is recomputed in backward.
 
 A head's output layer maps N = B * T states to V (up to 262k) logits; in fp32 that is 4 * N * V bytes per head,
-the largest tensor of the whole step by far. Like Liger's fused linear cross-entropy, `FusedLinearLoss` walks
-over chunks of tokens and, per chunk, computes the logits, the loss, and the logits' gradient; it turns the
-latter straight into the gradients w.r.t. the states and the weight. Backward only scales them by the
-incoming gradient.
+the largest tensor of the whole step by far. Like Liger's fused linear cross-entropy, `FusedLinearLoss` computes
+the loss and the logits' gradient in forward and turns the latter straight into the gradients w.r.t. the states
+and the weight; backward only scales them by the incoming gradient. Two granularities:
+- a GEMM block (up to ~512M logits, 1 GiB in bf16: all 16k tokens of a 32k draft vocabulary) gets its logits
+  from one matmul, in the compute dtype, and its gradients from two more, the logits' gradient written over
+  the logits. Big blocks keep the GEMMs efficient and the fp32 weight gradient is accumulated once per block;
+- the fp32 softmax / loss / gradient math runs over chunks of a block (~32M logits), bounding the fp32
+  temporaries; it is one compiled function on CUDA.
 
 Per token t with student logits z = x_t W^T and q = softmax(z) (fp32), the loss is
 
@@ -61,18 +65,24 @@ class SoftTargets:
     def chunk(self, start: int, end: int) -> torch.Tensor:
         """Teacher logits [end - start, V'] for flat token indices start..end (the loss upcasts them to fp32)."""
         rows = self._rows(start, end)
-        if self.logits is not None:
-            return rows
-        out = rows.to(self.weight.dtype) @ self.weight.t()
+        out = rows if self.logits is not None else rows.to(self.weight.dtype) @ self.weight.t()
         return out.float() * self.scale if self.scale != 1.0 else out
 
     def __len__(self) -> int:
         return self.source.size(0) * (self.T or self.source.size(1))
 
 
+GEMM_BLOCK_ELEMENTS = 1 << 29  # logits per GEMM block: 1 GiB in bf16
+
+
 def auto_chunk_size(vocab: int, budget_elements: int = 1 << 25) -> int:
     """Tokens per chunk so one fp32 [chunk, V] temporary stays near 128 MiB (a few live at once)."""
     return max(64, budget_elements // max(vocab, 1))
+
+
+def auto_gemm_tokens(vocab: int, chunk_size: int) -> int:
+    """Tokens per GEMM block: a whole number of chunks, logits near GEMM_BLOCK_ELEMENTS."""
+    return chunk_size * max(1, GEMM_BLOCK_ELEMENTS // max(vocab, 1) // chunk_size)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -83,14 +93,15 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def chunk_loss_and_grad(z, labels, hard_weight, teacher, soft_weight: float, grad_dtype):
-    """One chunk of tokens: (summed loss, top-1 hits, dl/dz in grad_dtype or None), all in fp32 inside.
+def chunk_loss_and_grad(z, labels, hard_weight, teacher, soft_weight: float, grad_in_place: bool):
+    """One chunk of tokens: (summed loss, top-1 hits), all in fp32 inside; with grad_in_place, dl/dz is written
+    over z (in z's dtype), so that compiled it is stored by the same kernel that computes it.
 
     z [n, V] logits; labels [n] (IGNORE_INDEX allowed) or None; hard_weight [n] per-token CE weight (0 where the
     label is ignored) or None; teacher [n, V] teacher logits or None; soft_weight the KL weight per token.
     Plain tensor code, so torch.compile fuses it into a few passes over [n, V] (on CUDA it is compiled).
     """
-    z = z.float()
+    logits, z = z, z.float()
     logq = z - torch.logsumexp(z, dim=-1, keepdim=True)
     q = logq.exp()
     loss = z.new_zeros(())
@@ -111,9 +122,9 @@ def chunk_loss_and_grad(z, labels, hard_weight, teacher, soft_weight: float, gra
         # p log p is 0 where p underflows to 0: xlogy keeps it finite.
         loss = loss + soft_weight * (torch.special.xlogy(p, p).sum() - (p * logq).sum())
         dz = dz - soft_weight * p
-    if grad_dtype is None or dz is None:
-        return loss, n_correct, None
-    return loss, n_correct, dz.to(grad_dtype)
+    if grad_in_place and dz is not None:
+        logits.copy_(dz)
+    return loss, n_correct
 
 
 _COMPILED = None
@@ -153,7 +164,7 @@ class FusedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, labels, soft, alpha, chunk_size):
+    def forward(ctx, x, weight, labels, soft, alpha, chunk_size, gemm_tokens):
         # x: [N, D] states; weight: [V, D]; labels: [N] ids in [0, V) or IGNORE_INDEX, or None; soft: SoftTargets or None
         N = x.size(0)
         dtype = _compute_dtype(x, weight)
@@ -166,24 +177,29 @@ class FusedLinearLoss(torch.autograd.Function):
             n_hard = valid.sum().clamp(min=1).float() if valid is not None else None
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False in eval: loss only
             grad_x = torch.empty_like(xs) if want_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+            grad_w = None
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             n_correct = torch.zeros((), dtype=torch.long, device=x.device)
             chunk_fn = _compiled_chunk() if x.device.type == "cuda" else chunk_loss_and_grad
-            for s in range(0, N, chunk_size):
-                e = min(s + chunk_size, N)
-                z = xs[s:e] @ w.t()  # [n, V] in the compute dtype; the chunk body upcasts
-                y = labels[s:e] if labels is not None else None
-                hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
-                teacher = soft.chunk(s, e) if b_w else None
-                part, correct, dz = chunk_fn(z, y, hard, teacher, b_w / N, dtype if want_grad else None)
-                loss = loss + part
-                if correct is not None:
-                    n_correct += correct
+            for g0 in range(0, N, gemm_tokens):
+                g1 = min(g0 + gemm_tokens, N)
+                z = xs[g0:g1] @ w.t()  # [m, V] logits of the block, in the compute dtype; then their gradient
+                for s in range(g0, g1, chunk_size):
+                    e = min(s + chunk_size, g1)
+                    y = labels[s:e] if labels is not None else None
+                    hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
+                    teacher = soft.chunk(s, e) if b_w else None
+                    # This chunk's logits are spent once read: their gradient takes their place.
+                    part, correct = chunk_fn(z[s - g0 : e - g0], y, hard, teacher, b_w / N, want_grad)
+                    loss = loss + part
+                    if correct is not None:
+                        n_correct += correct
+                    del teacher
                 if want_grad:
-                    grad_x[s:e] = dz @ w
-                    grad_w += (dz.t() @ xs[s:e]).float()
-                del z, dz, teacher
+                    grad_x[g0:g1] = z @ w
+                    part_w = (z.t() @ xs[g0:g1]).float()
+                    grad_w = part_w if grad_w is None else grad_w.add_(part_w)
+                del z
         if want_grad:
             ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(n_correct)
@@ -192,7 +208,7 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
 def fused_linear_loss(
@@ -202,12 +218,14 @@ def fused_linear_loss(
     soft: SoftTargets | None = None,
     alpha: float | None = None,
     chunk_size: int = 0,
+    gemm_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, n_correct) of the output layer `weight` [V, D] on states x [..., D].
 
     labels [...] (IGNORE_INDEX to skip) gives cross-entropy; soft gives KL to the teacher; with both, `alpha`
     weights KL (default: 1 with soft only, 0 with labels only); with alpha = 1 labels only count top-1 hits.
-    chunk_size 0 picks `auto_chunk_size(V)`.
+    chunk_size 0 picks `auto_chunk_size(V)`; gemm_tokens (tokens per GEMM block, rounded to whole chunks) 0 picks
+    `auto_gemm_tokens`.
     """
     if labels is None and soft is None:
         raise ValueError("fused_linear_loss needs labels, soft targets, or both")
@@ -225,7 +243,9 @@ def fused_linear_loss(
         raise ValueError("alpha = 1 puts all weight on soft labels, but none were given")
     soft_used = soft if alpha > 0 else None
     # With alpha = 1 labels still count top-1 hits (n_correct), at no cost to the loss.
-    return FusedLinearLoss.apply(x, weight, labels, soft_used, float(alpha), chunk_size or auto_chunk_size(weight.size(0)))
+    chunk_size = chunk_size or auto_chunk_size(weight.size(0))
+    gemm_tokens = max(1, -(-gemm_tokens // chunk_size)) * chunk_size if gemm_tokens else auto_gemm_tokens(weight.size(0), chunk_size)
+    return FusedLinearLoss.apply(x, weight, labels, soft_used, float(alpha), chunk_size, gemm_tokens)
 
 
 def reference_loss(x, weight, labels=None, teacher_logits=None, alpha=None):

@@ -18,6 +18,10 @@ import torch.nn as nn
 from speculators import MLPSpeculator
 from speculators.train.loss import IGNORE_INDEX, SoftTargets, fused_linear_loss
 
+# Teacher logits over the draft vocabulary are computed once for all heads up to this many (2 GiB in bf16: a 32k
+# draft vocabulary at 8 x 2048 tokens); beyond it, per head and chunk from the hidden states.
+TEACHER_LOGITS_ELEMENTS = 1 << 30
+
 
 class StudentOutput(NamedTuple):
     """A NamedTuple, not a dataclass: FSDP2 finds the output tensors to hook its backward (unshard, then
@@ -58,6 +62,12 @@ class Student(nn.Module):
         use_soft = self.alpha > 0.0
         if use_soft and soft_logits is None and soft_weight is None:
             raise ValueError("soft labels need the teacher's logits or the draft rows of its lm_head")
+        if use_soft and soft_logits is None and hidden.size(0) * (T + n) * soft_weight.size(0) <= TEACHER_LOGITS_ELEMENTS:
+            # The heads read the teacher at overlapping positions (head i at t + i + 1): one matmul for all of them
+            # instead of one per head and chunk, while the draft-vocabulary logits fit one GEMM block.
+            soft_logits, soft_scale_logits = hidden[:, : T + n] @ soft_weight.t(), soft_scale
+        else:
+            soft_scale_logits = 1.0
         total = hidden.new_zeros((), dtype=torch.float32)
         losses, correct, count = [], [], []
         for i, state in enumerate(states):
@@ -65,7 +75,7 @@ class Student(nn.Module):
             soft = None
             if use_soft:
                 if soft_logits is not None:
-                    soft = SoftTargets(logits=soft_logits, offset=i + 1, T=T)
+                    soft = SoftTargets(logits=soft_logits, scale=soft_scale_logits, offset=i + 1, T=T)
                 else:
                     soft = SoftTargets(hidden=hidden, weight=soft_weight, scale=soft_scale, offset=i + 1, T=T)
             weight = spec.head[spec.module_index(i, "shared")].weight

@@ -91,6 +91,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
             lr=cfg.lr, betas=tuple(cfg.betas),
+            # One fused kernel per step on GPUs: the foreach path made ~10 passes over the heads' fp32 weights and
+            # moments, ~20 ms of a 1.5B-target step on an H100 (docs/BENCHMARKS.md).
+            fused=acc.device.type == "cuda" or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
         self.student, self.optimizer = prepare_heads(self.par, student, optimizer)  # parallel.py says why
