@@ -337,7 +337,10 @@ def _set_deepspeed_state(acc, params: dict, moments: dict, step: float) -> None:
             safe_set_full_fp32_param(p, value)
         base = zero.optimizer
         for flat, group in zip(zero.single_partition_of_fp32_groups, zero.bit16_groups):
-            state = {"step": torch.tensor(step, dtype=torch.float32)}
+            # torch's rule (Optimizer.load_state_dict): fused / capturable Adam keeps `step` on the parameter's device.
+            options = next((g for g in base.param_groups if any(q is flat for q in g["params"])), {})
+            device = flat.device if options.get("fused") or options.get("capturable") else "cpu"
+            state = {"step": torch.tensor(step, dtype=torch.float32, device=device)}
             for key in ("exp_avg", "exp_avg_sq"):
                 buf = torch.zeros_like(flat)
                 for p in group:

@@ -7,8 +7,9 @@ and the weight; backward only scales them by the incoming gradient. Two granular
 - a GEMM block (up to ~512M logits, 1 GiB in bf16: all 16k tokens of a 32k draft vocabulary) gets its logits
   from one matmul, in the compute dtype, and its gradients from two more, the logits' gradient written over
   the logits. Big blocks keep the GEMMs efficient and the fp32 weight gradient is accumulated once per block;
-- the fp32 softmax / loss / gradient math runs over chunks of a block (~32M logits), bounding the fp32
-  temporaries; it is one compiled function on CUDA.
+- the fp32 softmax / loss / gradient math: on CUDA a Triton kernel over the block's rows (train/loss_kernel.py,
+  two passes per row, the teacher read in place); elsewhere, and for teachers made per chunk from hidden states,
+  over chunks of a block (~32M logits) that bound the fp32 temporaries, compiled on CUDA.
 
 Per token t with student logits z = x_t W^T and q = softmax(z) (fp32), the loss is
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from speculators.train import loss_kernel
 
 IGNORE_INDEX = -100
 
@@ -156,6 +159,30 @@ def _compiled_chunk():
     return _COMPILED
 
 
+def _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b_w, N, want_grad, loss, n_correct):
+    """The loss rows of one GEMM block chunk by chunk (compiled on CUDA, eager on CPU)."""
+    for s in range(g0, g1, chunk_size):
+        e = min(s + chunk_size, g1)
+        y = labels[s:e] if labels is not None else None
+        hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
+        teacher = soft.chunk(s, e) if b_w else None
+        # This chunk's logits are spent once read: their gradient takes their place.
+        part, correct = chunk_fn(z[s - g0 : e - g0], y, hard, teacher, b_w / N, want_grad)
+        loss = loss + part
+        if correct is not None:
+            n_correct += correct
+    return loss, n_correct
+
+
+_KERNEL = {"enabled": True}
+
+
+def _kernel_serves(z: torch.Tensor, soft: SoftTargets | None) -> bool:
+    """The Triton row kernel (train/loss_kernel.py) takes a block on CUDA unless the teacher's logits are made per
+    chunk from hidden states (they never exist in full there)."""
+    return _KERNEL["enabled"] and loss_kernel.available(z) and (soft is None or soft.logits is not None)
+
+
 class FusedLinearLoss(torch.autograd.Function):
     """loss = mix of CE(x W^T, labels) and KL(teacher || softmax(x W^T)), chunked; see the module docstring.
 
@@ -184,17 +211,18 @@ class FusedLinearLoss(torch.autograd.Function):
             for g0 in range(0, N, gemm_tokens):
                 g1 = min(g0 + gemm_tokens, N)
                 z = xs[g0:g1] @ w.t()  # [m, V] logits of the block, in the compute dtype; then their gradient
-                for s in range(g0, g1, chunk_size):
-                    e = min(s + chunk_size, g1)
-                    y = labels[s:e] if labels is not None else None
-                    hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
-                    teacher = soft.chunk(s, e) if b_w else None
-                    # This chunk's logits are spent once read: their gradient takes their place.
-                    part, correct = chunk_fn(z[s - g0 : e - g0], y, hard, teacher, b_w / N, want_grad)
+                if _kernel_serves(z, soft if b_w else None):
+                    y = labels[g0:g1] if labels is not None else None
+                    hard = valid[g0:g1].float() * (a_w / n_hard) if a_w else None
+                    t = dict(teacher=soft.source, t_offset=soft.offset, t_T=soft.T or soft.source.size(1), t_row0=g0,
+                             t_scale=soft.scale) if b_w else dict(teacher=None)
+                    part, correct = loss_kernel.loss_rows(z, y, hard, soft_weight=b_w / N, write_grad=want_grad, **t)
                     loss = loss + part
                     if correct is not None:
                         n_correct += correct
-                    del teacher
+                else:
+                    loss, n_correct = _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b_w, N,
+                                              want_grad, loss, n_correct)
                 if want_grad:
                     grad_x[g0:g1] = z @ w
                     part_w = (z.t() @ xs[g0:g1]).float()
