@@ -240,3 +240,25 @@ def test_triton_rows_match_compiled_chunks_cuda(case, dtype):
     assert got[1] == want[1]
     assert all(rel(got[i], want[i]) < tol for i in (0, 2, 3))
     assert rel(got[0], ref.detach()) < tol and rel(got[2], xr.grad) < tol and rel(got[3], wr.grad) < tol
+
+
+def test_a_failing_row_kernel_hands_over_to_the_chunks(monkeypatch):
+    """Where the Triton kernel cannot compile (an unsupported GPU or Triton), training warns once and goes on with
+    the chunked path, with the same loss and gradients."""
+    from speculators.train import loss as loss_module
+    from speculators.train import loss_kernel
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(loss_kernel, "available", lambda z: True)
+    monkeypatch.setattr(loss_kernel, "loss_rows", broken)
+    monkeypatch.setitem(loss_module._KERNEL, "enabled", True)
+    x, w, y, t = make(4)
+    with pytest.warns(UserWarning, match="Triton loss kernel failed"):
+        check(x, w, y, t, alpha=0.5, gemm=16)
+    check(x, w, y, t, alpha=0.5, gemm=16)  # disabled after the first failure: no second attempt
+    assert calls == [1]

@@ -177,6 +177,19 @@ def _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b
 _KERNEL = {"enabled": True}
 
 
+def _run_kernel(z, labels, hard, soft_weight, write_grad, teacher_args):
+    """(loss, hits) from the Triton row kernel, or None, once and for all, if it cannot run here: it fails in
+    compilation, before it writes anything, and the chunked path takes over with the logits intact."""
+    try:
+        return loss_kernel.loss_rows(z, labels, hard, soft_weight=soft_weight, write_grad=write_grad, **teacher_args)
+    except Exception as err:  # noqa: BLE001 - e.g. a GPU or Triton version the kernel does not compile for
+        import warnings
+
+        warnings.warn(f"the Triton loss kernel failed ({type(err).__name__}: {err}); using the compiled chunks", stacklevel=3)
+        _KERNEL["enabled"] = False
+        return None
+
+
 def _kernel_serves(z: torch.Tensor, soft: SoftTargets | None) -> bool:
     """The Triton row kernel (train/loss_kernel.py) takes a block on CUDA unless the teacher's logits are made per
     chunk from hidden states (they never exist in full there)."""
@@ -211,16 +224,19 @@ class FusedLinearLoss(torch.autograd.Function):
             for g0 in range(0, N, gemm_tokens):
                 g1 = min(g0 + gemm_tokens, N)
                 z = xs[g0:g1] @ w.t()  # [m, V] logits of the block, in the compute dtype; then their gradient
+                done = False
                 if _kernel_serves(z, soft if b_w else None):
                     y = labels[g0:g1] if labels is not None else None
                     hard = valid[g0:g1].float() * (a_w / n_hard) if a_w else None
                     t = dict(teacher=soft.source, t_offset=soft.offset, t_T=soft.T or soft.source.size(1), t_row0=g0,
                              t_scale=soft.scale) if b_w else dict(teacher=None)
-                    part, correct = loss_kernel.loss_rows(z, y, hard, soft_weight=b_w / N, write_grad=want_grad, **t)
-                    loss = loss + part
-                    if correct is not None:
-                        n_correct += correct
-                else:
+                    done = _run_kernel(z, y, hard, b_w / N, want_grad, t)
+                    if done:
+                        part, correct = done
+                        loss = loss + part
+                        if correct is not None:
+                            n_correct += correct
+                if not done:
                     loss, n_correct = _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b_w, N,
                                               want_grad, loss, n_correct)
                 if want_grad:
