@@ -159,18 +159,25 @@ def _compiled_chunk():
     return _COMPILED
 
 
-def _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b_w, N, want_grad, loss, n_correct):
-    """The loss rows of one GEMM block chunk by chunk (compiled on CUDA, eager on CPU)."""
-    for s in range(g0, g1, chunk_size):
-        e = min(s + chunk_size, g1)
+def _block_rows(chunk_fn, z, labels, hard, soft, row0, soft_weight, want_grad, chunk_size):
+    """(summed loss, top-1 hits or None) of one GEMM block's rows z [m, V] (flat tokens row0 ..), with dl/dz written
+    over z when want_grad: the Triton row kernel where it serves, else chunk by chunk (compiled on CUDA)."""
+    if _kernel_serves(z, soft):
+        t = dict(teacher=None) if soft is None else dict(teacher=soft.source, t_offset=soft.offset,
+                                                         t_T=soft.T or soft.source.size(1), t_row0=row0, t_scale=soft.scale)
+        out = _run_kernel(z, labels, hard, soft_weight, want_grad, t)
+        if out is not None:
+            return out
+    loss, n_correct = 0.0, None
+    for s in range(0, z.size(0), chunk_size):
+        e = min(s + chunk_size, z.size(0))
         y = labels[s:e] if labels is not None else None
-        hard = valid[s:e].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
-        teacher = soft.chunk(s, e) if b_w else None
+        teacher = soft.chunk(row0 + s, row0 + e) if soft is not None else None
         # This chunk's logits are spent once read: their gradient takes their place.
-        part, correct = chunk_fn(z[s - g0 : e - g0], y, hard, teacher, b_w / N, want_grad)
+        part, correct = chunk_fn(z[s:e], y, hard[s:e] if hard is not None else None, teacher, soft_weight, want_grad)
         loss = loss + part
         if correct is not None:
-            n_correct += correct
+            n_correct = correct if n_correct is None else n_correct + correct
     return loss, n_correct
 
 
@@ -224,21 +231,12 @@ class FusedLinearLoss(torch.autograd.Function):
             for g0 in range(0, N, gemm_tokens):
                 g1 = min(g0 + gemm_tokens, N)
                 z = xs[g0:g1] @ w.t()  # [m, V] logits of the block, in the compute dtype; then their gradient
-                done = False
-                if _kernel_serves(z, soft if b_w else None):
-                    y = labels[g0:g1] if labels is not None else None
-                    hard = valid[g0:g1].float() * (a_w / n_hard) if a_w else None
-                    t = dict(teacher=soft.source, t_offset=soft.offset, t_T=soft.T or soft.source.size(1), t_row0=g0,
-                             t_scale=soft.scale) if b_w else dict(teacher=None)
-                    done = _run_kernel(z, y, hard, b_w / N, want_grad, t)
-                    if done:
-                        part, correct = done
-                        loss = loss + part
-                        if correct is not None:
-                            n_correct += correct
-                if not done:
-                    loss, n_correct = _chunks(chunk_fn, z, g0, g1, chunk_size, labels, valid, a_w, n_hard, soft, b_w, N,
-                                              want_grad, loss, n_correct)
+                y = labels[g0:g1] if labels is not None else None
+                hard = valid[g0:g1].float() * (a_w / n_hard) if a_w else None  # per-token CE weight
+                part, correct = _block_rows(chunk_fn, z, y, hard, soft if b_w else None, g0, b_w / N, want_grad, chunk_size)
+                loss = loss + part
+                if correct is not None:
+                    n_correct += correct
                 if want_grad:
                     grad_x[g0:g1] = z @ w
                     part_w = (z.t() @ xs[g0:g1]).float()
