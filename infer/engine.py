@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from speculators.infer.adaptive import AdaptiveSpeculation
+from speculators.infer import gemv as gemv_kernel
 from speculators.infer.cuda_graphs import StepGraphs, compiled, configure_dynamo
 from speculators.infer.outputs import RequestOutput
 from speculators.infer.request import Request
@@ -137,7 +138,7 @@ class LLMEngine:
 
     def __init__(self, target, tokenizer=None, *, drafter=None, eos_token_ids=(), max_model_len: int, max_num_seqs: int,
                  device, enforce_eager: bool = False, adaptive: bool = True, seed: int = 0, compile_backend: str | None = None,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, gemv: bool = True):
         self.target = target
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -170,8 +171,13 @@ class LLMEngine:
             configure_dynamo()
         wrap = (lambda fn, name: compiled(fn, name, backend)) if backend is not None else (lambda fn, name: fn)
         self.tree_inputs, self.verify = wrap(tree_inputs, "tree_inputs"), wrap(verify, "verify")
+        self.gemv_report = {}
         for model in (target, getattr(drafter, "model", None)):
             if model is not None and hasattr(model, "block"):
+                if backend == "inductor" and gemv:  # batch-1 linears: cuBLAS or the Triton GEMV, the faster here
+                    self.gemv_report.update(gemv_kernel.tune(model))
+                else:
+                    gemv_kernel.reset(model)
                 cls = type(model)
                 model.prologue = wrap(cls._prologue, "transformer prologue")
                 model.block = wrap(cls._block, "transformer block")

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from speculators.infer.gemv import Linear
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # position-independent ones: a static table
 
@@ -130,8 +132,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.split = [q, kv, kv]
-        self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=args.qkv_bias)
-        self.wo = nn.Linear(q, args.dim, bias=args.o_bias)
+        self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.qkv_bias)
+        self.wo = Linear(q, args.dim, bias=args.o_bias)
 
     def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
         # x: [B, T, E]; mask: [B, 1, G * T, S] additive (GQA group folded into the query length); slots: [B, T]
@@ -153,8 +155,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -189,7 +191,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.kv: torch.Tensor | None = None

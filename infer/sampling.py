@@ -41,6 +41,22 @@ def gumbel(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch
     return -torch.log(-torch.log(uniform(seed, position, vocab_size)))
 
 
+ARGMAX_CHUNK = 4096
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1), the first maximum, in two reductions. Over a vocabulary of 100k+ one argmax per row runs on
+    one thread block at batch 1 (28 us on the H100 for 128k logits); chunks of 4096 spread it over the GPU."""
+    V = x.size(-1)
+    if V <= 2 * ARGMAX_CHUNK:
+        return x.argmax(-1)
+    n = -(-V // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(x, (0, n * ARGMAX_CHUNK - V), value=float("-inf"))
+    best, at = padded.unflatten(-1, (n, ARGMAX_CHUNK)).max(-1)  # per chunk: value, first index
+    chunk = best.argmax(-1, keepdim=True)  # the first chunk holding the maximum
+    return (chunk * ARGMAX_CHUNK + at.gather(-1, chunk)).squeeze(-1)
+
+
 def top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) the logits x [B, N, V] outside each row's top-k [B] (V = off), then outside the smallest
     set of most likely tokens whose probability reaches top_p [B] (1 = off), as vLLM does."""
@@ -71,11 +87,14 @@ def sample(
     mode (static, chosen by the host per step): "greedy" (every row greedy), "sample" (temperature only),
     "filter" (some row uses top-k or top-p). Rows with temperature 0 are greedy in every mode.
     """
-    greedy = logits.argmax(-1)
+    # torch 2.11's Inductor failed on the chunked argmax in "filter" mode with a batch of more than one (H100,
+    # Triton codegen: InductorError in get_block_shape); that mode keeps torch's one-pass argmax.
+    first_max = argmax if mode != "filter" else (lambda t: t.argmax(-1))
+    greedy = first_max(logits)
     if mode == "greedy":
         return greedy
     x = (logits if logits.dtype == torch.float64 else logits.float()) / temperature.clamp(min=1e-5).view(-1, 1, 1)
     if mode == "filter":
         x = top_k_top_p(x, top_k, top_p)
-    drawn = (x + gumbel(seed, position, x.size(-1))).argmax(-1)
+    drawn = first_max(x + gumbel(seed, position, x.size(-1)))
     return torch.where((temperature > 0).view(-1, 1), drawn, greedy)

@@ -12,7 +12,7 @@ from test_infer_common import DEVICE, ids, one_thread, target  # noqa: F401
 
 from speculators import MLPSpeculator, MLPSpeculatorConfig
 from speculators.infer import LLM, SamplingParams
-from speculators.infer.sampling import top_k_top_p, uniform
+from speculators.infer.sampling import argmax, top_k_top_p, uniform
 
 V = 16  # a vocabulary small enough to enumerate three tokens exactly
 PROMPT = [3, 7, 1, 12]
@@ -41,6 +41,18 @@ def test_top_k_top_p_matches_reference():
     for b, n in itertools.product(range(6), range(3)):
         ref = reference_probs(logits[b, n], 1.0, int(top_k[b]), float(top_p[b]))
         torch.testing.assert_close(masked[b, n].softmax(-1), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("V", [100, 8192, 8193, 151936])
+def test_chunked_argmax_is_the_first_maximum(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randint(-3, 4, (3, 5, V), generator=g).to(torch.bfloat16)  # many ties: the first must win
+    x[0, 0] = float("-inf")
+    x[0, 1, V // 2 :] = float("inf")
+    x[1, 2, V - 1] = 9.0  # the maximum in the last (padded) chunk
+    x[2, 3, 7], x[2, 3, V - 2] = float("nan"), float("nan")  # NaN wins, as in torch.argmax
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(argmax(x.float()), x.float().argmax(-1))
 
 
 def test_counter_rng_is_uniform_and_keyed():
