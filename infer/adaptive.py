@@ -19,8 +19,10 @@ class AdaptiveSpeculation:
     A shape that is not chosen keeps its last estimate. So that it can come back when acceptance changes, it
     is re-tried for one step after `probe` steps, the interval doubling each time (capped at `max_probe`), which
     bounds the cost of trying to a fraction of a percent; a shape that could not win even if every draft were
-    accepted ((1 + depth) / latency below the best score, e.g. big trees at large batch) is never re-tried. Speculation is therefore never kept when plain
-    decoding is measured to be faster for this batch size. With `adaptive=False`, the largest shape always runs.
+    accepted ((1 + depth) / latency below the best score, e.g. big trees at large batch) is not re-tried once a
+    real step has measured it. Every shape, plain decoding included, runs for real once per batch bucket, so no
+    choice rests on warm-up timings alone: speculation is not kept when plain decoding is measured to be faster
+    for this batch size. With `adaptive=False`, the largest shape always runs.
     """
 
     def __init__(self, shapes: list[TreeShape], adaptive: bool = True, prior: float = 0.6, decay: float = 0.05,
@@ -31,6 +33,8 @@ class AdaptiveSpeculation:
         self.accept = {s: [prior ** (d + 1) for d in range(s.depth)] for s in shapes}  # P(accept >= d + 1)
         self.observed = {s: 0 for s in shapes}
         self.latency: dict[tuple[int, TreeShape], float] = {}
+        self.observations: dict[tuple[int, TreeShape], int] = {}  # real steps seen per (bucket, shape)
+        self.probed_stale: set[tuple[int, TreeShape]] = set()
         self.probe, self.max_probe = probe, max_probe
         self.interval = {s: probe for s in shapes}
         self.next_probe = {s: probe for s in shapes}
@@ -49,14 +53,20 @@ class AdaptiveSpeculation:
 
     def observe_latency(self, bucket: int, shape: TreeShape, seconds: float, weight: float = 0.1) -> None:
         """A real step's time (launch to the host's read of the results): corrects the warm-up timing, which runs
-        one step in isolation at one sequence length, towards what steps cost in the running batch. One
-        observation moves the estimate by at most a factor of 2 (an outlier, e.g. a first-use capture)."""
+        one step in isolation at one sequence length (the longest the warm-up covers), towards what steps cost
+        in the running batch. The first real step of a shape replaces its warm-up time (within 4x); later ones
+        move the estimate by `weight`, and by at most 2x (an outlier, e.g. a stall)."""
         key = (bucket, shape)
+        n = self.observations.get(key, 0)
+        self.observations[key] = n + 1
         if key not in self.latency:
             self.latency[key] = seconds
             return
         old = self.latency[key]
-        self.latency[key] = old + weight * (min(max(seconds, old / 2), 2 * old) - old)
+        if n == 0:
+            self.latency[key] = min(max(seconds, old / 4), 4 * old)
+        else:
+            self.latency[key] = old + weight * (min(max(seconds, old / 2), 2 * old) - old)
 
     def best(self, bucket: int) -> TreeShape:
         return max(self.shapes, key=lambda s: self.tau(s) / self.latency[(bucket, s)])
@@ -70,9 +80,14 @@ class AdaptiveSpeculation:
         best_score = self.tau(best) / self.latency[(bucket, best)]
         for s in self.shapes:
             could_win = (1 + s.depth) / self.latency[(bucket, s)] > best_score  # even if every draft were accepted
-            if s != best and s.depth and could_win and self.steps >= self.next_probe[s]:
+            # A latency known only from the warm-up may be wrong either way (plain decoding's too: it was timed at
+            # the longest sequence bucket while the chosen shapes' estimates follow the real, shorter ones), so
+            # every shape runs once for real at each batch bucket.
+            stale = (bucket, s) not in self.observations and (bucket, s) not in self.probed_stale
+            if s != best and ((s.depth and could_win) or stale) and self.steps >= self.next_probe[s]:
                 self.interval[s] = min(2 * self.interval[s], self.max_probe)
                 self.next_probe[s] = self.steps + self.interval[s]
+                self.probed_stale.add((bucket, s))
                 return s
         return best
 
