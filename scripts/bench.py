@@ -69,6 +69,7 @@ class Settings:
     max_model_len: int = 2048  # prompt + generated, per sequence
     ignore_eos: bool = False
     num_speculative_tokens: int | None = None  # None: the heads' n_predict / DEFAULT_DRAFT_TOKENS for a draft model
+    tree: str | None = None  # mlp_speculator: "TOP_K,...xN" instead of the heads' own tree
     adaptive: bool = True
     enforce_eager: bool = False
     warmup_tokens: int | None = None  # generated tokens per warm-up sequence; None: max_tokens
@@ -172,6 +173,7 @@ def load_token_prompts(source: str, tokenizer, n: int, max_prompt_len: int, chat
 def open_llm(method: str, s: Settings, max_num_seqs: int):
     """`LLM` for one of OURS, sized for `max_num_seqs` sequences in flight."""
     from speculators.infer import LLM
+    from speculators.tree import parse_tree_spec
 
     spec = None
     if method == "mlp_speculator":
@@ -180,6 +182,9 @@ def open_llm(method: str, s: Settings, max_num_seqs: int):
         spec = {"model": s.heads, "method": "mlp_speculator", "adaptive": s.adaptive}
         if s.num_speculative_tokens:
             spec["num_speculative_tokens"] = s.num_speculative_tokens
+        if s.tree:
+            spec["top_k_tokens_per_head"], spec["n_candidates"] = parse_tree_spec(s.tree)
+            spec["num_speculative_tokens"] = len(spec["top_k_tokens_per_head"])
     elif method == "draft_model":
         if not s.draft:
             raise SystemExit("error: method draft_model needs --draft DIR (a small model with the target's vocabulary)")
@@ -513,6 +518,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help=f"heads used (default: all) / draft tokens per step (default: {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--tree", default=None, help="mlp_speculator's tree instead of the heads' own: TOP_K,...xN, e.g. 8,5,3,2x16")
     p.add_argument("--no-adaptive", action="store_true", help="ours: always run the full tree, at every batch size")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (ours and hf_static)")
@@ -553,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(target=args.target, heads=args.heads, draft=args.draft, device=args.device,
                  dtype=resolve_dtype(args.dtype, args.device), max_tokens=args.max_tokens,
                  max_model_len=max(map(len, prompts)) + args.max_tokens + 1, ignore_eos=args.ignore_eos,
-                 num_speculative_tokens=args.num_speculative_tokens, adaptive=not args.no_adaptive,
+                 num_speculative_tokens=args.num_speculative_tokens, tree=args.tree, adaptive=not args.no_adaptive,
                  enforce_eager=args.enforce_eager, warmup_tokens=args.warmup_tokens, progress=not args.no_progress)
     print(f"{len(prompts)} prompts ({args.prompts}, {min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"{args.max_tokens} new tokens, batch sizes {args.batch_sizes}, {s.dtype} on {device_name(args.device)}",
@@ -576,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
             "max_prompt_len": args.max_prompt_len, "batch_sizes": args.batch_sizes, "methods": args.methods,
             "ignore_eos": args.ignore_eos, "adaptive": s.adaptive, "enforce_eager": args.enforce_eager,
-            "num_speculative_tokens": args.num_speculative_tokens, "agreement_reference": reference,
+            "num_speculative_tokens": args.num_speculative_tokens, "tree": args.tree, "agreement_reference": reference,
             "command": "python scripts/bench.py " + " ".join(argv),
         },
         "results": table,

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="feed prompts as raw text, not through the chat template")
     p.add_argument("--top-k", default=None, help="tree shape override, e.g. 5,4,3,2 (default: the heads' config)")
     p.add_argument("--n-candidates", type=int, default=None)
+    p.add_argument("--trees", default="", help="more tree shapes on the same continuations, e.g. '6,4,3,2x10;8,5,3,2x16'")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
     p.add_argument("--json", default=None, help="also write the metrics here")
     args = p.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from speculators import MLPSpeculator, check_compatible, load_target
     from speculators.prompts import encode_prompts, load_prompts, split_of_run
-    from speculators.train.acceptance import evaluate_generated
+    from speculators.train.acceptance import evaluate_generated, parse_tree
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         heads.config.top_k_tokens_per_head = [int(k) for k in args.top_k.split(",")]
     if args.n_candidates:
         heads.config.n_candidates = args.n_candidates
+    trees = [parse_tree(t, heads.config.n_predict) for t in args.trees.split(";") if t.strip()]
     split = split_of_run(args.heads) if args.prompts == "sharegpt" and Path(args.heads).is_dir() else {}
     if split:
         print(f"sharegpt prompts held out by the heads' own run: {split}", file=sys.stderr)
@@ -65,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
     t0 = time.perf_counter()
     metrics = evaluate_generated(target, heads, ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 pad_id=pad, eos_ids=sorted(eos))
+                                 pad_id=pad, eos_ids=sorted(eos), trees=trees)
     metrics["seconds"] = time.perf_counter() - t0
     metrics.update(prompts=args.prompts, num_prompts=len(ids), max_new_tokens=args.max_new_tokens,
                    top_k=list(heads.config.top_k_tokens_per_head), n_candidates=heads.config.n_candidates)
-    for name in ("chain", "tree"):
-        print(f"{name:5s}: tau {metrics[f'generated/{name}/tau']:.3f}   tau_walk {metrics.get(f'generated/{name}/tau_walk', float('nan')):.3f}   "
-              + " ".join(f"{metrics[f'generated/{name}/accept_rate_head{i}']:.2f}" for i in range(heads.config.n_predict)))
+    cfg = heads.config
+    shapes = [("chain", cfg.n_predict, 1), ("tree", cfg.n_predict, cfg.n_candidates)] + [(t.name, len(t.top_k), t.n_candidates) for t in trees]
+    metrics["verified_tokens_per_step"] = {name: 1 + depth * n for name, depth, n in shapes}
+    width = max(len(name) for name, _, _ in shapes)
+    for name, depth, n in shapes:  # verified tokens per step: the root and every candidate's nodes (runtime's static tree)
+        print(f"{name:{width}s}: tau {metrics[f'generated/{name}/tau']:.3f}   tau_walk {metrics.get(f'generated/{name}/tau_walk', float('nan')):.3f}   "
+              f"verifies {1 + depth * n:3d} tokens   accepts "
+              + " ".join(f"{metrics[f'generated/{name}/accept_rate_head{i}']:.2f}" for i in range(cfg.n_predict)))
     print(json.dumps(metrics))
     if args.json:
         with open(args.json, "w") as f:

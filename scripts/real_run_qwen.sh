@@ -11,14 +11,16 @@
 #   bash scripts/real_run_qwen.sh serve            # the OpenAI server vs offline, 1 stream and 16 clients
 #   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # all of the above, a failed step logged
 #
-# MODEL, RUN and OUT (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`;
-# STEPS, STAGE2, POOL, CKPT size the run; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only.
+# MODEL, RUN and RESULTS (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`;
+# STEPS, STAGE2, POOL, CKPT size the run; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only;
+# TREES (';'-separated TOP_K,...xN) are the extra tree shapes `eval` measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/root/models/qwen2.5-coder-1.5b}
 RUN=${RUN:-/root/runs/qwen2.5-coder-1.5b}
-OUT=${OUT:-/tmp/real-run}
-mkdir -p "$OUT"
+# Not $OUT: the GPU machine sets it per call and empties it, and `all` outlives the call that starts it.
+RESULTS=${RESULTS:-/tmp/real-run}
+mkdir -p "$RESULTS"
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The run: soft labels (KL to the target), 1,700 steps on ShareGPT, then 300 on the target's own samples
 # (one pool of 150 steps' rows, used twice: generation costs more than training on it).
@@ -26,6 +28,8 @@ TRAIN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --loss soft
   --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps ${POOL:-150} --stage2_pool_epochs 2 --eval_every 1000
   --checkpoint_every ${CKPT:-250} --num_proc 12"
 QUIET="it/s\]|s/it\]|^\s*$"
+# Wider trees than the heads' default ([5, 4, 3, 2] x 5, 21 verified tokens), measured on the same continuations.
+TREES=${TREES:-"6,4,3,2x10;8,5,3,2x16;10,6,4,3x32"}
 
 heads() {  # the final heads, or (a run cut short) those of the newest checkpoint
   if [ -f "$RUN/config.json" ]; then echo "$RUN"; else ls -d "$RUN"/step_*/heads 2>/dev/null | tail -1; fi
@@ -39,32 +43,32 @@ phase() {
     bench)
       for loss in hard soft; do
         python3 scripts/bench.py train --config recipes/qwen2.5-coder-1.5b.yaml --target "$MODEL" --loss $loss \
-          --max_records 3000 --num_proc 12 --steps 10 --warmup 4 --json "$OUT/bench_train_$loss.json"
+          --max_records 3000 --num_proc 12 --steps 10 --warmup 4 --json "$RESULTS/bench_train_$loss.json"
       done ;;
     train)
       # Exit status 124 (the timeout) just means "not done yet": the last checkpoint is complete, run again.
       local status=0
       timeout "${TRAIN_TIMEOUT:-100000}" accelerate launch --config_file recipes/accelerate/single-gpu.yaml train/distill.py \
         $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep -v -E "$QUIET" || status=$?
-      cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$OUT"/ 2>/dev/null || true
+      cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$RESULTS"/ 2>/dev/null || true
       return $status ;;
     eval)
       local H; H=$(heads)
       python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts humaneval --num-prompts 164 \
-        --max-new-tokens 256 --batch-size 48 --json "$OUT/tau_humaneval.json" | tail -4
+        --max-new-tokens 256 --batch-size 48 --trees "$TREES" --json "$RESULTS/tau_humaneval.json" | grep -v "^{"
       [ -n "${SKIP_SHAREGPT:-}" ] || python3 scripts/eval_heads.py --target "$MODEL" --heads "$H" --prompts sharegpt --num-prompts 100 \
-        --max-new-tokens 256 --batch-size 50 --json "$OUT/tau_sharegpt.json" | tail -4 ;;
+        --max-new-tokens 256 --batch-size 50 --trees "$TREES" --json "$RESULTS/tau_sharegpt.json" | grep -v "^{" ;;
     runtime)
       python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 16 --max-tokens 256 \
         --batch-sizes 1 --methods plain,mlp_speculator,hf_static --warmup-tokens 32 --no-progress \
-        --out "$OUT/bench_bs1.json" --plot "$OUT/bench_bs1.png" ;;
+        --out "$RESULTS/bench_bs1.json" --plot "$RESULTS/bench_bs1.png" ;;
     sweep)
       python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 32 --max-tokens 128 \
         --batch-sizes 1,4,16,64 --methods plain,mlp_speculator --warmup-tokens 32 --no-progress \
-        --out "$OUT/bench_sweep.json" --plot "$OUT/bench_sweep.png" ;;
+        --out "$RESULTS/bench_sweep.json" --plot "$RESULTS/bench_sweep.png" ;;
     serve)
       python3 scripts/bench_server.py "$MODEL" --speculative-config "{\"model\": \"$(heads)\", \"method\": \"mlp_speculator\"}" \
-        --max-tokens 128 --single-requests 8 --num-requests 64 --concurrency 16 --out "$OUT/bench_server.json" 2>&1 | grep -v -E "$QUIET" ;;
+        --max-tokens 128 --single-requests 8 --num-requests 64 --concurrency 16 --out "$RESULTS/bench_server.json" 2>&1 | grep -v -E "$QUIET" ;;
     *)
       sed -n 2,14p "$0"; exit 2 ;;
   esac

@@ -11,7 +11,7 @@
 #   setsid nohup bash scripts/scale_out.sh all [GGUF] > LOG 2>&1 &   # PHASES="qwen ddp,report" picks steps
 #
 # N (GPUs, default 2), STEPS (Qwen steps, default 60), RESUME_AT (default 30), MODEL (a directory, or `random`: random
-# weights at the same shape, no checkpoint needed), RUNS and OUT can be set.
+# weights at the same shape, no checkpoint needed), RUNS and RESULTS can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2}
@@ -19,8 +19,9 @@ STEPS=${STEPS:-60}
 RESUME_AT=${RESUME_AT:-30}
 MODEL=${MODEL:-/root/models/qwen2.5-coder-1.5b}
 RUNS=${RUNS:-/root/runs/scale-out}
-OUT=${OUT:-/tmp/scale-out}
-mkdir -p "$RUNS" "$OUT"
+# Not $OUT: the GPU machine sets it per call and empties it, and `all` outlives the call that starts it.
+RESULTS=${RESULTS:-/tmp/scale-out}
+mkdir -p "$RUNS" "$RESULTS"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Stage 1 only, no eval during the run, the same seed and data (3000 ShareGPT records) for every strategy; the heads'
 # state path eager under every strategy (torch.compile under ZeRO-3's partitioned parameters is untried).
@@ -46,14 +47,14 @@ launcher() {  # accelerate launch arguments of a strategy
   esac
 }
 
-train() {  # NAME STRATEGY ARGS...: one run, its log and train_log.jsonl copied to OUT
+train() {  # NAME STRATEGY ARGS...: one run, its log and train_log.jsonl copied to RESULTS
   local name=$1 strategy=$2; shift 2
   local env=(); [ "$strategy" = single ] && env=(CUDA_VISIBLE_DEVICES=0)
   local status=0
   env "${env[@]}" accelerate launch $(launcher "$strategy") train/distill.py "$@" --output_dir "$RUNS/$name" \
-    > "$OUT/$name.log" 2>&1 || status=$?
-  grep -v -E "$QUIET" "$OUT/$name.log" | grep -E "^\[|^step|Error|error" | tail -8
-  cp "$RUNS/$name/train_log.jsonl" "$OUT/$name.jsonl" 2>/dev/null || true
+    > "$RESULTS/$name.log" 2>&1 || status=$?
+  grep -v -E "$QUIET" "$RESULTS/$name.log" | grep -E "^\[|^step|Error|error" | tail -8
+  cp "$RUNS/$name/train_log.jsonl" "$RESULTS/$name.jsonl" 2>/dev/null || true
   return $status
 }
 
@@ -68,7 +69,7 @@ phase() {
       cp "$RUNS/qwen-$2/train_log.jsonl" "$dir/"  # resume cuts it back to the checkpoint's step
       train "resume-$2-$3" "$3" "${QWEN_ARGS[@]}" --resume auto ;;
     big) train "big-$2" "$2" --config recipes/llama-70b-shape-random.yaml --resume none ;;
-    report) python3 scripts/scale_out_report.py "$OUT" --gpus "$N" --resume-at "$RESUME_AT" ;;
+    report) python3 scripts/scale_out_report.py "$RESULTS" --gpus "$N" --resume-at "$RESUME_AT" ;;
     *) sed -n 2,13p "$0"; exit 2 ;;
   esac
 }

@@ -59,3 +59,15 @@ def propose(heads, state: torch.Tensor, token: torch.Tensor, top_k: list[int], n
         tokens = spec.draft_to_target[tokens]
     head_lp = path_lp.gather(1, best.unsqueeze(2).expand(B, n_candidates, n_heads))
     return Candidates(tokens=tokens, log_probs=best_lp, head_log_probs=head_lp)
+
+
+def parse_tree_spec(spec: str) -> tuple[list[int], int]:
+    """"8,5,3,2x16" -> ([8, 5, 3, 2], 16): top-k per head, candidates kept (command-line form of a tree shape)."""
+    try:
+        top_k, n = spec.strip().split("x")
+        top_k, n = [int(k) for k in top_k.split(",")], int(n)
+    except ValueError:
+        raise ValueError(f"a tree is TOP_K,TOP_K,...xN_CANDIDATES (e.g. 8,5,3,2x16), got {spec!r}") from None
+    if min(top_k) < 1 or not 1 <= n <= math.prod(top_k):
+        raise ValueError(f"tree {spec!r}: top-k entries must be >= 1 and 1 <= candidates <= {math.prod(top_k)}")
+    return top_k, n

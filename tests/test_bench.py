@@ -102,3 +102,17 @@ def test_bad_arguments(dirs):
         bench.main(["--target", str(dirs / "target"), "--methods", "plain,nope"])
     with pytest.raises(SystemExit):
         bench.main(["--target", str(dirs / "target"), "--methods", "mlp_speculator"])  # no --heads
+
+
+def test_tree_override(dirs):
+    """--tree runs the heads with another candidate tree (here with 2 of the 3 heads)."""
+    out = dirs / "tree.json"
+    assert bench.main([
+        "--target", str(dirs / "target"), "--heads", str(dirs / "heads"), "--prompts", str(dirs / "prompts.txt"),
+        "--num-prompts", "2", "--max-tokens", "8", "--batch-sizes", "1", "--methods", "plain,mlp_speculator",
+        "--tree", "3,2x4", "--device", "cpu", "--out", str(out), "--no-progress", "--no-adaptive",
+    ]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["tree"] == "3,2x4"
+    assert set(res["results"]["mlp_speculator"]["1"]["shapes"]) == {"tree[3, 2]x4"}
+    assert res["results"]["mlp_speculator"]["1"]["agreement"]["identical"] == 1.0  # float32: greedy-exact

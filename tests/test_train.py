@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from speculators import MLPSpeculator, MLPSpeculatorConfig
-from speculators.train.acceptance import AcceptanceStats, Tree, accepted_lengths
+from speculators.train.acceptance import AcceptanceStats, Tree, accepted_lengths, evaluate_generated, parse_tree
 from speculators.train.config import ConfigError, TrainConfig, load_config
 from speculators.tree import propose
 
@@ -196,6 +196,27 @@ def test_accepted_lengths_match_a_per_position_loop():
                 assert got[b, t].item() == best
         if tree.name == "chain":
             assert got[0, 2] == n and got[0, 5] == n
+
+
+def test_tree_sweep_on_the_targets_own_text():
+    """eval_heads --trees: more shapes on the same continuations; a tree whose candidates include another's
+    (same top-k, more candidates) never accepts less, and bad specs name the problem."""
+    from tiny_models import tiny_target
+
+    assert parse_tree("8,5,3,2x16", 4) == Tree("tree[8,5,3,2]x16", [8, 5, 3, 2], 16)
+    for bad, msg in (("8,5x", "TOP_K"), ("3,2x7", "candidates <= 6"), ("2,2,2,2,2x1", "n_predict = 4")):
+        with pytest.raises(ValueError, match=msg):
+            parse_tree(bad, 4)
+    torch.manual_seed(0)
+    target = tiny_target()
+    heads = MLPSpeculator(MLPSpeculatorConfig(vocab_size=128, emb_dim=32, n_predict=3, top_k_tokens_per_head=[3, 2, 2],
+                                              n_candidates=3)).eval()
+    prompts = [[5, 9, 13, 40], [7, 7, 21]]
+    trees = [parse_tree("3,2,2x12", 3), parse_tree("4,2x2", 3)]
+    m = evaluate_generated(target, heads, prompts, max_new_tokens=20, batch_size=2, pad_id=0, eos_ids=[], trees=trees)
+    assert m["generated/tree[3,2,2]x12/tau"] >= m["generated/tree/tau"] >= m["generated/chain/tau"] >= 1.0
+    assert m["generated/tree[4,2]x2/positions"] == m["generated/tree/positions"] > 0
+    assert m["generated/tree[4,2]x2/accept_rate_head2"] == 0.0  # two heads used: never 3 tokens
 
 
 def test_stats_tau_and_decoder_walk():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speculators.tree import propose
+from speculators.tree import parse_tree_spec, propose
 
 
 @dataclass
@@ -41,7 +41,7 @@ def trees_for(heads) -> list[Tree]:
 
 
 @torch.no_grad()
-def accepted_lengths(heads, hidden: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, tree: Tree, budget: int = 1 << 26) -> torch.Tensor:
+def accepted_lengths(heads, hidden: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, tree: Tree, budget: int | None = None) -> torch.Tensor:
     """Tokens accepted at every position: [B, S] (-1 where invalid).
 
     hidden: [B, S, E]; ids: [B, >= S + 1 + n] token ids (y); valid: [B, S] positions to simulate (each needs
@@ -59,6 +59,8 @@ def accepted_lengths(heads, hidden: torch.Tensor, ids: torch.Tensor, valid: torc
     for k in tree.top_k[:-1]:
         width *= k
     vocab = spec.draft_vocab_size or spec.vocab_size
+    if budget is None:  # logits elements per proposal batch: wide trees need big batches to keep a GPU busy
+        budget = 1 << 29 if hidden.is_cuda else 1 << 26
     chunk = max(1, budget // (max(width * tree.top_k[-1], 1) * vocab))
     for s in range(0, b_idx.numel(), chunk):
         b, t = b_idx[s : s + chunk], t_idx[s : s + chunk]
@@ -193,16 +195,26 @@ def simulate_generated(heads, hidden_fn, prompts, continuations, pad_id: int, si
         sim.add(heads, hidden, padded, valid, starts=starts.tolist())
 
 
+def parse_tree(spec: str, n_predict: int) -> Tree:
+    """"8,5,3,2x16" -> the tree with top-k 8, 5, 3, 2 per head keeping 16 candidates (named tree[8,5,3,2]x16)."""
+    top_k, n = parse_tree_spec(spec)
+    if len(top_k) > n_predict:
+        raise ValueError(f"tree {spec!r}: {len(top_k)} top-k entries for heads with n_predict = {n_predict}")
+    return Tree(f"tree[{','.join(map(str, top_k))}]x{n}", top_k, n)
+
+
 def evaluate_generated(target, heads, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, batch_size: int = 8,
-                       pad_id: int | None = None, eos_ids: Sequence[int] | None = None) -> dict[str, float]:
-    """Standalone (one process): the target continues every prompt greedily, then tau chain / tree on those
-    continuations. target: a plain transformers causal LM; heads: an MLPSpeculator on the same device."""
+                       pad_id: int | None = None, eos_ids: Sequence[int] | None = None,
+                       trees: Sequence[Tree] = ()) -> dict[str, float]:
+    """Standalone (one process): the target continues every prompt greedily, then tau chain / tree (and any
+    further `trees`) on those continuations. target: a plain transformers causal LM; heads: an MLPSpeculator on
+    the same device."""
     from speculators.train.generate import greedy_continuations
 
     hidden_fn = HiddenStates(target)
     pad = pad_id if pad_id is not None else (target.config.pad_token_id or 0)
     conts = greedy_continuations(target, prompts, max_new_tokens, batch_size=batch_size, pad_id=pad, eos_ids=eos_ids)
-    sim = Simulation(trees_for(heads), heads.config.n_predict)
+    sim = Simulation(trees_for(heads) + list(trees), heads.config.n_predict)
     simulate_generated(heads, hidden_fn, prompts, conts, pad, sim, batch_size=batch_size)
     out = sim.summary("generated")
     out["generated/tokens"] = float(sum(len(c) for c in conts))
