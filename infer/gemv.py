@@ -121,8 +121,8 @@ def tune(model: nn.Module, reps: int = 5, configs: list[tuple[int, int, int]] = 
     """Choose cuBLAS or a GEMV tile shape for every weight shape of `model`'s `Linear`s (CUDA + Triton only).
 
     Each candidate runs one single-row product per weight of that shape, every weight in turn (one pass reads
-    all of them from HBM), `reps` passes. Returns {(N, K): {"cublas": s, "gemv": s, "config": ..., "chosen": ...}}
-    with seconds per product; sets `gemv_config` on every Linear of the shape."""
+    all of them from HBM), `reps` passes. Sets `gemv_config` on every Linear of the shape and returns, per (N, K):
+    count (Linears), cublas_us and best_us (microseconds per product), config (None: cuBLAS), chosen, gb_per_s."""
     by_shape: dict[tuple[int, int, torch.dtype], list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear):
@@ -144,7 +144,10 @@ def tune(model: nn.Module, reps: int = 5, configs: list[tuple[int, int, int]] = 
 
         def run(config):
             for m in modules:
-                gemv(x, m.weight, m.bias, config) if config else F.linear(x, m.weight, m.bias)
+                if config:
+                    gemv(x, m.weight, m.bias, config)
+                else:
+                    F.linear(x, m.weight, m.bias)
 
         per = len(modules)
         cublas = _seconds(lambda: run(None), reps) / per
