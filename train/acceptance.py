@@ -60,7 +60,7 @@ def accepted_lengths(heads, hidden: torch.Tensor, ids: torch.Tensor, valid: torc
         width *= k
     vocab = spec.draft_vocab_size or spec.vocab_size
     if budget is None:  # logits elements per proposal batch: wide trees need big batches to keep a GPU busy
-        budget = 1 << 29 if hidden.is_cuda else 1 << 26
+        budget = 1 << 28 if hidden.is_cuda else 1 << 26
     chunk = max(1, budget // (max(width * tree.top_k[-1], 1) * vocab))
     for s in range(0, b_idx.numel(), chunk):
         b, t = b_idx[s : s + chunk], t_idx[s : s + chunk]
