@@ -8,12 +8,13 @@
 #   bash scripts/real_run_qwen.sh eval             # tau on HumanEval and held-out ShareGPT (target's greedy text)
 #   bash scripts/real_run_qwen.sh runtime          # bs 1, HumanEval: ours plain / with heads vs HF static+compile
 #   bash scripts/real_run_qwen.sh sweep            # spec vs plain at batch 1, 4, 16, 64
+#   bash scripts/real_run_qwen.sh trees            # bs 1, HumanEval: the heads with each of RUNTIME_TREES (not in `all`)
 #   bash scripts/real_run_qwen.sh serve            # the OpenAI server vs offline, 1 stream and 16 clients
-#   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # all of the above, a failed step logged
+#   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # the above but trees, a failed step logged
 #
 # MODEL, RUN and RESULTS (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`;
 # STEPS, STAGE2, POOL, CKPT size the run; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only;
-# TREES (';'-separated TOP_K,...xN) are the extra tree shapes `eval` measures.
+# TREES / RUNTIME_TREES (';'-separated TOP_K,...xN): the tree shapes `eval` / `trees` measure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/root/models/qwen2.5-coder-1.5b}
@@ -30,6 +31,7 @@ TRAIN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --loss soft
 QUIET="it/s\]|s/it\]|^\s*$"
 # Wider trees than the heads' default ([5, 4, 3, 2] x 5, 21 verified tokens), measured on the same continuations.
 TREES=${TREES:-"6,4,3,2x10;8,5,3,2x16;10,6,4,3x32"}
+RUNTIME_TREES=${RUNTIME_TREES:-"5,4,3,2x5;8,5,3,2x16;10,6,4,3x32"}
 
 heads() {  # the final heads, or (a run cut short) those of the newest checkpoint
   if [ -f "$RUN/config.json" ]; then echo "$RUN"; else ls -d "$RUN"/step_*/heads 2>/dev/null | tail -1; fi
@@ -66,11 +68,20 @@ phase() {
       python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 32 --max-tokens 128 \
         --batch-sizes 1,4,16,64 --methods plain,mlp_speculator --warmup-tokens 32 --no-progress \
         --out "$RESULTS/bench_sweep.json" --plot "$RESULTS/bench_sweep.png" ;;
+    trees)
+      # Batch 1, HumanEval, the heads with each of RUNTIME_TREES (';'-separated; the adaptive rule still picks
+      # plain / chain / tree per step, and the table says which ran), plain decoding in the same process.
+      local t; IFS=';' read -ra ts <<< "$RUNTIME_TREES"
+      for t in "${ts[@]}"; do
+        python3 scripts/bench.py --target "$MODEL" --heads "$(heads)" --prompts humaneval --num-prompts 16 --max-tokens 256 \
+          --batch-sizes 1 --methods plain,mlp_speculator --tree "$t" --warmup-tokens 32 --no-progress \
+          --out "$RESULTS/bench_tree_${t//,/-}.json" | tail -4
+      done ;;
     serve)
       python3 scripts/bench_server.py "$MODEL" --speculative-config "{\"model\": \"$(heads)\", \"method\": \"mlp_speculator\"}" \
         --max-tokens 128 --single-requests 8 --num-requests 64 --concurrency 16 --out "$RESULTS/bench_server.json" 2>&1 | grep -v -E "$QUIET" ;;
     *)
-      sed -n 2,14p "$0"; exit 2 ;;
+      sed -n 2,17p "$0"; exit 2 ;;
   esac
 }
 
