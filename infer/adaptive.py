@@ -20,9 +20,9 @@ class AdaptiveSpeculation:
     is re-tried for one step after `probe` steps, the interval doubling each time (capped at `max_probe`), which
     bounds the cost of trying to a fraction of a percent; a shape that could not win even if every draft were
     accepted ((1 + depth) / latency below the best score, e.g. big trees at large batch) is not re-tried once a
-    real step has measured it. Every shape, plain decoding included, runs for real once per batch bucket, so no
-    choice rests on warm-up timings alone: speculation is not kept when plain decoding is measured to be faster
-    for this batch size. With `adaptive=False`, the largest shape always runs.
+    real step has measured it. Every shape, plain decoding included, is re-tried (same back-off) until a real step
+    has measured it at this batch bucket, so no choice rests on warm-up timings alone: speculation is not kept when
+    plain decoding is measured to be faster for this batch size. With `adaptive=False`, the largest shape always runs.
     """
 
     def __init__(self, shapes: list[TreeShape], adaptive: bool = True, prior: float = 0.6, decay: float = 0.05,
@@ -34,7 +34,6 @@ class AdaptiveSpeculation:
         self.observed = {s: 0 for s in shapes}
         self.latency: dict[tuple[int, TreeShape], float] = {}
         self.observations: dict[tuple[int, TreeShape], int] = {}  # real steps seen per (bucket, shape)
-        self.probed_stale: set[tuple[int, TreeShape]] = set()
         self.probe, self.max_probe = probe, max_probe
         self.interval = {s: probe for s in shapes}
         self.next_probe = {s: probe for s in shapes}
@@ -82,12 +81,11 @@ class AdaptiveSpeculation:
             could_win = (1 + s.depth) / self.latency[(bucket, s)] > best_score  # even if every draft were accepted
             # A latency known only from the warm-up may be wrong either way (plain decoding's too: it was timed at
             # the longest sequence bucket while the chosen shapes' estimates follow the real, shorter ones), so
-            # every shape runs once for real at each batch bucket.
-            stale = (bucket, s) not in self.observations and (bucket, s) not in self.probed_stale
+            # every shape is re-tried until a real step has measured it at this batch bucket.
+            stale = (bucket, s) not in self.observations
             if s != best and ((s.depth and could_win) or stale) and self.steps >= self.next_probe[s]:
                 self.interval[s] = min(2 * self.interval[s], self.max_probe)
                 self.next_probe[s] = self.steps + self.interval[s]
-                self.probed_stale.add((bucket, s))
                 return s
         return best
 
