@@ -123,14 +123,13 @@ def tune(model: nn.Module, reps: int = 5, configs: list[tuple[int, int, int]] = 
     Each candidate runs one single-row product per weight of that shape, every weight in turn (one pass reads
     all of them from HBM), `reps` passes. Sets `gemv_config` on every Linear of the shape and returns, per (N, K):
     count (Linears), cublas_us and best_us (microseconds per product), config (None: cuBLAS), chosen, gb_per_s."""
+    reset(model)
     by_shape: dict[tuple[int, int, torch.dtype], list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear):
             by_shape[(*module.weight.shape, module.weight.dtype)].append(module)
     report = {}
     for (N, K, dtype), modules in by_shape.items():
-        for m in modules:
-            m.gemv_config = None
         device = modules[0].weight.device
         if not available() or device.type != "cuda":
             continue

@@ -87,8 +87,9 @@ def sample(
     mode (static, chosen by the host per step): "greedy" (every row greedy), "sample" (temperature only),
     "filter" (some row uses top-k or top-p). Rows with temperature 0 are greedy in every mode.
     """
-    # torch 2.11's Inductor failed on the chunked argmax in "filter" mode with a batch of more than one (H100,
-    # Triton codegen: InductorError in get_block_shape); that mode keeps torch's one-pass argmax.
+    # "filter" mode keeps torch's one-pass argmax: with a batch of more than one, torch 2.11's Inductor failed to
+    # compile that mode with the chunked argmax (H100, InductorError in Triton codegen's get_block_shape), as with
+    # every variant of it tried; whether it compiles with torch's argmax was not checked on a GPU.
     first_max = argmax if mode != "filter" else (lambda t: t.argmax(-1))
     greedy = first_max(logits)
     if mode == "greedy":

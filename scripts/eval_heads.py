@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from speculators import MLPSpeculator, check_compatible, load_target
     from speculators.prompts import encode_prompts, load_prompts, split_of_run
-    from speculators.train.acceptance import evaluate_generated, parse_tree
+    from speculators.infer.tree import TreeShape
+    from speculators.train.acceptance import evaluate_generated, parse_tree, trees_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics["seconds"] = time.perf_counter() - t0
     metrics.update(prompts=args.prompts, num_prompts=len(ids), max_new_tokens=args.max_new_tokens,
                    top_k=list(heads.config.top_k_tokens_per_head), n_candidates=heads.config.n_candidates)
-    cfg = heads.config
-    shapes = [("chain", cfg.n_predict, 1), ("tree", cfg.n_predict, cfg.n_candidates)] + [(t.name, len(t.top_k), t.n_candidates) for t in trees]
-    metrics["verified_tokens_per_step"] = {name: 1 + depth * n for name, depth, n in shapes}
-    width = max(len(name) for name, _, _ in shapes)
-    for name, depth, n in shapes:  # verified tokens per step: the root and every candidate's nodes (runtime's static tree)
+    # Tokens a runtime step verifies with each tree: the root and every candidate's nodes (its static tree).
+    nodes = {t.name: TreeShape(tuple(t.top_k), t.n_candidates).n_nodes for t in trees_for(heads) + trees}
+    metrics["verified_tokens_per_step"] = nodes
+    width = max(map(len, nodes))
+    for name, n_nodes in nodes.items():
         print(f"{name:{width}s}: tau {metrics[f'generated/{name}/tau']:.3f}   tau_walk {metrics.get(f'generated/{name}/tau_walk', float('nan')):.3f}   "
-              f"verifies {1 + depth * n:3d} tokens   accepts "
-              + " ".join(f"{metrics[f'generated/{name}/accept_rate_head{i}']:.2f}" for i in range(cfg.n_predict)))
+              f"verifies {n_nodes:3d} tokens   accepts "
+              + " ".join(f"{metrics[f'generated/{name}/accept_rate_head{i}']:.2f}" for i in range(heads.config.n_predict)))
     print(json.dumps(metrics))
     if args.json:
         with open(args.json, "w") as f:
