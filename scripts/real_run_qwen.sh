@@ -13,7 +13,8 @@
 #   setsid nohup bash scripts/real_run_qwen.sh all [GGUF] > LOG 2>&1 &   # the above but trees, a failed step logged
 #
 # MODEL, RUN and RESULTS (where results are copied) can be set in the environment; TRAIN_TIMEOUT limits one `train`;
-# STEPS, STAGE2, POOL, CKPT size the run; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only;
+# STEPS, STAGE2, POOL, CKPT, EVAL_EVERY size the run; STAGE2_PROMPTS (windows / chat) and STAGE2_PROMPT_LEN (default
+# 256 with chat) pick stage 2's prompts; PHASES picks the steps of `all`; SKIP_SHAREGPT=1 evaluates HumanEval only;
 # TREES / RUNTIME_TREES (';'-separated TOP_K,...xN): the tree shapes `eval` / `trees` measure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,14 @@ RESULTS=${RESULTS:-/tmp/real-run}
 mkdir -p "$RESULTS"
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The run: soft labels (KL to the target), 1,700 steps on ShareGPT, then 300 on the target's own samples
-# (one pool of 150 steps' rows, used twice: generation costs more than training on it).
+# (one pool of 150 steps' rows, used twice: generation costs more than training on it); STAGE2_PROMPTS: windows
+# (IBM's continuations of windows of the data) or chat (the target's answers to the training conversations' first
+# turns, packed).
 TRAIN_ARGS="--config recipes/qwen2.5-coder-1.5b.yaml --target $MODEL --loss soft --max_steps ${STEPS:-2000}
-  --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps ${POOL:-150} --stage2_pool_epochs 2 --eval_every 1000
-  --checkpoint_every ${CKPT:-250} --num_proc 12"
+  --stage2_start_step ${STAGE2:-1700} --stage2_pool_steps ${POOL:-150} --stage2_pool_epochs 2 --eval_every ${EVAL_EVERY:-1000}
+  --checkpoint_every ${CKPT:-250} --num_proc 12 ${STAGE2_PROMPTS:+--stage2_prompts $STAGE2_PROMPTS --stage2_prompt_len ${STAGE2_PROMPT_LEN:-256}}"
 QUIET="it/s\]|s/it\]|^\s*$"
+stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }  # where the time goes
 # Wider trees than the heads' default ([5, 4, 3, 2] x 5, 21 verified tokens), measured on the same continuations.
 TREES=${TREES:-"6,4,3,2x10;8,5,3,2x16;10,6,4,3x32"}
 RUNTIME_TREES=${RUNTIME_TREES:-"5,4,3,2x5;8,5,3,2x16;10,6,4,3x32"}
@@ -51,7 +55,8 @@ phase() {
       # Exit status 124 (the timeout) just means "not done yet": the last checkpoint is complete, run again.
       local status=0
       timeout "${TRAIN_TIMEOUT:-100000}" accelerate launch --config_file recipes/accelerate/single-gpu.yaml train/distill.py \
-        $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep -v -E "$QUIET" || status=$?
+        $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep -v -E "$QUIET" | stamp \
+        || status=$?
       cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$RESULTS"/ 2>/dev/null || true
       return $status ;;
     eval)

@@ -314,6 +314,12 @@ def test_held_out_split_is_disjoint_and_deterministic(tok, tmp_path):
     assert other[2] != prompts
     capped = build_datasets(cfg(path, seq_len=16, eval_fraction=0.5, max_eval_records=4, max_records=20), tok, extra_tokens=1)
     assert len(capped[2]) == 4 and capped[0].stats["records"] == 16
+    assert train.prompts is None  # stage 2's chat prompts only when asked for
+    with_prompts = build_datasets(cfg(path, seq_len=16, eval_fraction=0.1, seed=3, train_prompts=True), tok, extra_tokens=1)
+    assert torch.equal(with_prompts[0].rows, train.rows) and with_prompts[2] == prompts
+    asked = [m for p in with_prompts[0].prompts for m in re.findall(r"zq(\d+)zq", tok.decode(p))]
+    assert len(asked) == 54 and set(asked) == _markers(tok, train.rows)  # every training record's first turn, once
+    assert all(tok.decode(p).endswith("?<|im_end|>\n<|im_start|>assistant\n") for p in with_prompts[0].prompts)
 
 
 def test_too_little_data_is_a_clear_error(tok):
@@ -340,6 +346,12 @@ def test_cache_round_trip(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(D, "_tokenise_all", boom)
     second = build_datasets(c, tok, extra_tokens=2)
     assert torch.equal(first[0].rows, second[0].rows) and torch.equal(first[1].rows, second[1].rows) and first[2] == second[2]
+    monkeypatch.undo()
+    monkeypatch.setenv("MLP_SPECULATORS_CACHE", str(tmp_path / "cache"))
+    c = cfg(MESSAGES, seq_len=24, train_prompts=True)  # another key; the prompts come back from the cache too
+    made = build_datasets(c, tok, extra_tokens=2)
+    monkeypatch.setattr(D, "_tokenise_all", boom)
+    assert made[0].prompts and build_datasets(c, tok, extra_tokens=2)[0].prompts == made[0].prompts
     with pytest.raises(AssertionError, match="cache"):
         build_datasets(cfg(MESSAGES, seq_len=25), tok, extra_tokens=2)  # another key: recomputed
 

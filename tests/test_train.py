@@ -272,6 +272,61 @@ def test_stage2_pool_epochs_reuse_rows_and_resume_exactly():
     assert CountingTeacher.calls == 2
 
 
+def test_stage2_chat_pool_packs_whole_answers_and_resumes_exactly():
+    """stage2_prompts: chat: the target answers first-turn prompts (their last stage2_prompt_len tokens) until its
+    EOS, and prompt + answer documents are packed into rows of the stage-1 length; the prompts' position is part of
+    the state, so a restored pool generates from the same prompts; every rank generates until all have enough."""
+    from train.config import TrainConfig
+    from train.generate import Stage2Pool
+
+    EOS = 99
+
+    class AnsweringTeacher:
+        calls = 0
+
+        def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+            AnsweringTeacher.calls += 1
+            assert generation_config.min_new_tokens in (0, None)  # EOS may end an answer
+            rows = []
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                prompt = [t for t, m in zip(ids, mask) if m]
+                answer = [500 + prompt[-1]] * (prompt[-1] % 4) + [EOS]  # length depends on the prompt
+                rows.append(ids + (answer + [0] * generation_config.max_new_tokens)[: generation_config.max_new_tokens])
+            return torch.tensor(rows)
+
+    prompts = [list(range(10 * k, 10 * k + 2 + k % 5)) for k in range(1, 13)]  # 2..6 tokens
+    cfg = TrainConfig(target="random:llama", data="x", seq_len=12, n_predict=2, batch_size=2, stage2_start_step=0,
+                      stage2_prompts="chat", stage2_prompt_len=4, stage2_new_tokens=6, stage2_pool_steps=2,
+                      stage2_gen_batch_size=3)
+    flags = []
+
+    def all_ranks(flag):
+        flags.append(flag)
+        return flag
+
+    pool = Stage2Pool(cfg, AnsweringTeacher(), iter(()), torch.device("cpu"), 0, [EOS], 0, False, prompts=prompts,
+                      all_ranks=all_ranks)
+    batch = next(pool)
+    assert batch.shape == (2, 12 + 2 + 1) and pool.rows.shape == (4, 15)
+    # The stream is prompt (its last 4 tokens) + answer up to its EOS, document after document.
+    stream, docs = pool.rows.flatten().tolist(), []
+    while stream:
+        cut = stream.index(EOS) + 1 if EOS in stream else len(stream)
+        docs.append(stream[:cut])
+        stream = stream[cut:]
+    for doc in docs[:-1]:
+        prompt = next(p[-4:] for p in prompts if doc[: len(p[-4:])] == p[-4:])
+        assert doc == prompt + [500 + prompt[-1]] * (prompt[-1] % 4) + [EOS]
+    assert flags[-1] is True and flags[:-1] == [False] * (len(flags) - 1) and AnsweringTeacher.calls == len(flags) - 1
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in pool.state_dict().items()}
+    rest = [next(pool) for _ in range(3)]  # the pool's second batch, then a fresh pool from the next prompts
+    restored = Stage2Pool(cfg, AnsweringTeacher(), iter(()), torch.device("cpu"), 0, [EOS], 0, False, prompts=prompts)
+    restored.load_state_dict(state)
+    assert all(torch.equal(a, next(restored)) for a in rest)
+    with pytest.raises(ValueError, match="stage2_prompts: chat needs chat records"):
+        Stage2Pool(cfg, AnsweringTeacher(), iter(()), torch.device("cpu"), 0, [EOS], 0, False, prompts=[])
+
+
 def test_student_output_flattens_to_its_tensors_for_fsdp2():
     """FSDP2 hooks its backward (unshard, reduce-scatter of the heads' gradients) on the tensors it finds by
     flattening the forward's output as a pytree; an opaque output type left the heads without gradients under FSDP2

@@ -120,10 +120,17 @@ class TrainConfig:
     # ---- stage 2 (target-generated data) ------------------------------------------------------------------
     stage2_start_step: int | None = None
     """From this optimizer step on, heads train on the target's own continuations of data prompts (None: never)."""
+    stage2_prompts: str = "windows"
+    """windows (IBM's): prompts of stage2_prompt_len tokens cut from training rows, each continued for exactly
+    stage2_new_tokens; chat: the first user turn of each training conversation (chat template and generation
+    prompt, its last stage2_prompt_len tokens), answered by the target until its EOS or stage2_new_tokens, and
+    the prompt + answer documents packed into rows like stage 1's: the heads learn the target's own answers,
+    which is what they draft at inference."""
     stage2_prompt_len: int = 64
-    """Prompt tokens cut from training rows for generation."""
+    """windows: prompt tokens cut from training rows; chat: the most prompt tokens kept (the end of the turn)."""
     stage2_new_tokens: int = 256
-    """Tokens the target generates per prompt; stage-2 rows hold prompt + these."""
+    """windows: tokens the target generates per prompt (stage-2 rows hold prompt + these); chat: the most it
+    generates per answer."""
     stage2_temperature: float = 1.0
     """Sampling temperature of the target's generation (0: greedy)."""
     stage2_top_k: int = 0
@@ -185,7 +192,8 @@ class TrainConfig:
         from speculators.train.data import DataConfig
 
         names = {f.name for f in dataclasses.fields(DataConfig)}
-        return DataConfig(**{n: getattr(self, n) for n in names if hasattr(self, n)})
+        chat_prompts = self.stage2_start_step is not None and self.stage2_prompts == "chat"
+        return DataConfig(**{n: getattr(self, n) for n in names if hasattr(self, n)}, train_prompts=chat_prompts)
 
     @property
     def resolved_top_k(self) -> list[int]:
@@ -216,6 +224,7 @@ class TrainConfig:
             need(0 <= self.stage2_start_step <= self.max_steps, f"stage2_start_step must be in 0..max_steps = {self.max_steps} (or null for no stage 2), got {self.stage2_start_step}")
             need(self.stage2_prompt_len >= 1 and self.stage2_new_tokens > self.n_predict + 1,
                  f"stage 2 rows (stage2_prompt_len + stage2_new_tokens) need more than n_predict + 1 = {self.n_predict + 1} generated tokens, got stage2_new_tokens = {self.stage2_new_tokens}")
+            need(self.stage2_prompts in ("windows", "chat"), f"stage2_prompts must be windows or chat, got {self.stage2_prompts!r}")
             need(self.stage2_pool_steps >= 1, f"stage2_pool_steps must be >= 1, got {self.stage2_pool_steps}")
             need(self.stage2_pool_epochs >= 1, f"stage2_pool_epochs must be >= 1, got {self.stage2_pool_epochs}")
         need(self.resume in ("auto", "none") or Path(self.resume).is_dir(),

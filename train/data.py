@@ -74,6 +74,9 @@ class DataConfig:
     """Tokenisation processes. 1 encodes in-process in batches, which a fast tokenizer already spreads
     over all cores (its Rust threads): measured fastest. >1 forks a pool; only worth it for slow
     (pure-Python) tokenizers."""
+    train_prompts: bool = False
+    """Also collect the first user turn (plus the generation prompt) of every training chat record, as
+    `train.prompts`: the prompts stage 2 asks the target to answer (`stage2_prompts: chat`)."""
 
     def __post_init__(self):
         check_format(self.data_format)
@@ -201,9 +204,9 @@ def render_record(record: dict, tokenizer, data_format: str = "auto") -> list[in
     return None if ids is None else ids.tolist()
 
 
-def _prompt_ids(record: Any, tokenizer, data_format: str) -> list[int] | None:
-    """The conversation up to its first assistant turn, plus the generation prompt: what the target is
-    asked to continue when acceptance is measured on its own generations."""
+def _prompt_text(record: Any, tokenizer, data_format: str) -> tuple[str, bool] | None:
+    """(text, plain) of the conversation up to its first assistant turn, plus the generation prompt: what the
+    target is asked to answer (acceptance on its own generations, stage 2's chat prompts). None: no user turn."""
     parsed = _parse_record(record, data_format)
     if parsed is None or parsed[0] != "chat":
         return None
@@ -216,8 +219,22 @@ def _prompt_ids(record: Any, tokenizer, data_format: str) -> list[int] | None:
     prefix = messages[:first]
     if _has_template(tokenizer):
         text = _apply_template(tokenizer, prefix, add_generation_prompt=True)
-        return None if text is None else list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    return list(tokenizer(_fallback_text(prefix) + "\nassistant:", add_special_tokens=True, verbose=False)["input_ids"])
+        return None if text is None else (text, False)
+    return _fallback_text(prefix) + "\nassistant:", True
+
+
+def prompt_ids(records: Iterable, total: int, tokenizer, data_format: str, desc: str | None = None) -> list[list[int]]:
+    """First-turn prompts (`_prompt_text`) of the chat records among `records`, in order, tokenised in batches."""
+    out: list[list[int]] = []
+    with tqdm(total=total, desc=desc, unit="rec", disable=desc is None or not _is_main_process(), dynamic_ncols=True) as bar:
+        for chunk in _chunks(records, _CHUNK):
+            texts = [t for t in (_prompt_text(r, tokenizer, data_format) for r in chunk) if t is not None]
+            for plain in (False, True):
+                batch = [text for text, p in texts if p == plain]
+                if batch:
+                    out.extend(list(ids) for ids in tokenizer(batch, add_special_tokens=plain, verbose=False)["input_ids"])
+            bar.update(len(chunk))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- tokenisation
@@ -278,11 +295,12 @@ def _tokenise_all(records: Iterable, total: int, tokenizer, data_format: str, de
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of exactly seq_len + extra_tokens token ids (stored int32 to halve memory, served as int64)."""
 
-    def __init__(self, rows: torch.Tensor, stats: dict | None = None):
+    def __init__(self, rows: torch.Tensor, stats: dict | None = None, prompts: list[list[int]] | None = None):
         if rows.dim() != 2:
             raise ValueError(f"rows must be 2-D [num_rows, row_len], got shape {tuple(rows.shape)}")
         self.rows = rows
         self.stats = dict(stats or {})  # records / tokens / dropped tail, for the trainer's log
+        self.prompts = prompts  # first-turn prompts of the records (DataConfig.train_prompts), else None
 
     @property
     def row_len(self) -> int:
@@ -374,7 +392,8 @@ def _cache_load(path: Path | None):
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        return PackedDataset(blob["train"], blob["train_stats"]), PackedDataset(blob["eval"], blob["eval_stats"]), blob["eval_prompts"]
+        train = PackedDataset(blob["train"], blob["train_stats"], blob.get("train_prompts"))
+        return train, PackedDataset(blob["eval"], blob["eval_stats"]), blob["eval_prompts"]
     except Exception as e:  # a cache is never worth failing a run for
         logger.warning("ignoring unreadable data cache %s (%s)", path, e)
         return None
@@ -383,7 +402,8 @@ def _cache_load(path: Path | None):
 def _cache_save(path: Path | None, train: PackedDataset, eval_: PackedDataset, prompts: list) -> None:
     if path is None:
         return
-    blob = {"train": train.rows, "train_stats": train.stats, "eval": eval_.rows, "eval_stats": eval_.stats, "eval_prompts": prompts}
+    blob = {"train": train.rows, "train_stats": train.stats, "train_prompts": train.prompts, "eval": eval_.rows,
+            "eval_stats": eval_.stats, "eval_prompts": prompts}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +431,8 @@ def build_datasets(cfg: DataConfig, tokenizer, extra_tokens: int) -> tuple[Packe
     before anything is packed (`speculators.records.split_indices`). Both splits are rendered, concatenated
     and cut into rows of `cfg.seq_len + extra_tokens`. eval_prompts: for each held-out chat record, the ids
     of the conversation up to its first assistant turn plus the generation prompt (acceptance on
-    target-generated text).
+    target-generated text). With `cfg.train_prompts`, `train.prompts` holds the same first turns of the training
+    records (stage 2's chat prompts).
     Results of local sources are cached (see `_cache_dir`; MLP_SPECULATORS_CACHE=off disables it).
     """
     if extra_tokens < 0:
@@ -453,7 +474,9 @@ def build_datasets(cfg: DataConfig, tokenizer, extra_tokens: int) -> tuple[Packe
         )
     train = pack(train_ids, row_len)
     eval_ = pack(eval_ids, row_len)
-    prompts = [p for p in (_prompt_ids(r, tokenizer, fmt) for r in eval_records) if p is not None]
+    prompts = prompt_ids(eval_records, len(eval_records), tokenizer, fmt)
+    if cfg.train_prompts:  # stage 2's chat prompts: the same first turns, from the training records
+        train.prompts = prompt_ids(_subset(records, train_idx), len(train_idx), tokenizer, fmt, "stage-2 prompts")
     if len(train) == 0:
         raise ValueError(
             f"{cfg.data}: {train.stats['tokens']:,} training tokens make no row of {row_len} "

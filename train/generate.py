@@ -1,11 +1,18 @@
 """The target's own text: greedy continuations for the eval, and the stage-2 pool of sampled rows.
 
 Stage 2 (IBM's recipe): after `stage2_start_step` the heads train on what the target itself writes, so they
-learn its distribution rather than the data's. Prompts are cut from training rows (stage2_prompt_len tokens
-each), the target continues them (batched, KV-cached HF generate with the recipe's sampling settings) for a fixed
-stage2_new_tokens (EOS is not allowed to end a row early, so every row has the same length and no padding), and
-the rows are served batch by batch until the pool runs out, then refreshed. The pool and its position are part of
-the checkpoint, so a resumed run trains on exactly the rows the interrupted one would have.
+learn its distribution rather than the data's. The target samples with the recipe's settings (batched, KV-cached
+HF generate); the rows are served batch by batch until the pool runs out, then refreshed. Prompts, by
+`stage2_prompts`:
+
+* windows (IBM's): stage2_prompt_len tokens cut from training rows, each continued for exactly stage2_new_tokens
+  (EOS may not end a row early), so every row has the same length and no padding;
+* chat: the first user turn of each training conversation, which the target answers until its EOS; the
+  prompt + answer documents are packed into rows of the stage-1 length, as stage 1 packs conversations. The
+  heads then learn the target's answers, which are what they draft when the target serves a chat.
+
+The pool and its position (and the chat prompts' position) are part of the checkpoint, so a resumed run trains
+on exactly the rows the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -62,32 +69,46 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
 
 
 class Stage2Pool:
-    """Target-generated training rows [stage2_prompt_len + stage2_new_tokens], refreshed when used up."""
+    """Target-generated training rows, refreshed when used up: [stage2_prompt_len + stage2_new_tokens] (windows)
+    or [seq_len + n_predict + 1] (chat)."""
 
-    def __init__(self, cfg, teacher, data, device: torch.device, pad_id: int, eos_ids, rank: int, synced_gpus: bool):
+    def __init__(self, cfg, teacher, data, device: torch.device, pad_id: int, eos_ids, rank: int, synced_gpus: bool,
+                 prompts: Sequence[Sequence[int]] | None = None, all_ranks=None):
+        """data: the stage-1 batch iterator (windows cut prompts from its rows); prompts: this rank's chat prompts
+        (stage2_prompts: chat); all_ranks(flag) -> whether every rank's flag is set (one collective), so that all
+        ranks call generate equally often, as a sharded target needs."""
         self.cfg = cfg
         self.teacher = teacher
-        self.data = data  # the stage-1 batch iterator: prompts are cut from its rows
+        self.data = data
         self.device = device
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         self.rank = rank
         self.synced_gpus = synced_gpus
-        self.rows: torch.Tensor | None = None  # [R, P + N] on CPU
+        self.chat = cfg.stage2_prompts == "chat"
+        if self.chat and not prompts:
+            raise ValueError(f"stage2_prompts: chat needs chat records (a user turn) in the training data; {cfg.data} gave "
+                             "this rank none (use stage2_prompts: windows for plain text)")
+        self.prompts = [list(p)[-cfg.stage2_prompt_len :] for p in prompts or []]
+        self.all_ranks = all_ranks or (lambda flag: flag)
+        self.rows: torch.Tensor | None = None  # [R, row_len] on CPU
         self.cursor = 0
         self.refreshes = 0
         self.epoch = 0  # passes over the current pool so far
+        self.prompt_cursor = 0  # chat: prompts used in the current pass over them
+        self.prompt_epoch = 0
 
     @property
     def row_len(self) -> int:
-        return self.cfg.stage2_prompt_len + self.cfg.stage2_new_tokens
+        cfg = self.cfg
+        return cfg.seq_len + cfg.n_predict + 1 if self.chat else cfg.stage2_prompt_len + cfg.stage2_new_tokens
 
     @property
     def batch_size(self) -> int:
         cfg = self.cfg
         return cfg.stage2_batch_size or max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // self.row_len)
 
-    def _prompts(self, count: int) -> torch.Tensor:
+    def _window_prompts(self, count: int) -> torch.Tensor:
         P, out, have = self.cfg.stage2_prompt_len, [], 0
         while have < count:
             rows = next(self.data)  # [B, L]
@@ -99,27 +120,65 @@ class Stage2Pool:
             have += cut.size(0)
         return torch.cat(out)[:count]
 
+    def _chat_prompts(self, count: int) -> list[list[int]]:
+        """The next `count` prompts of this rank's share, in a seeded order that changes with each pass."""
+        out = []
+        while len(out) < count:
+            if self.prompt_cursor >= len(self.prompts):
+                self.prompt_cursor, self.prompt_epoch = 0, self.prompt_epoch + 1
+            g = torch.Generator().manual_seed(self.cfg.seed * 6151 + self.prompt_epoch * 193 + self.rank)
+            order = torch.randperm(len(self.prompts), generator=g)
+            take = order[self.prompt_cursor : self.prompt_cursor + count - len(out)].tolist()
+            out.extend(self.prompts[i] for i in take)
+            self.prompt_cursor += len(take)
+        return out
+
+    def _generation_config(self):
+        cfg = self.cfg
+        sample = cfg.stage2_temperature > 0
+        # windows rows must all reach stage2_new_tokens; chat answers end at the target's EOS.
+        return _generation_config(cfg.stage2_new_tokens, self.pad_id, self.eos_ids, sample=sample,
+                                  temperature=cfg.stage2_temperature, top_k=cfg.stage2_top_k, top_p=cfg.stage2_top_p,
+                                  min_new_tokens=0 if self.chat else cfg.stage2_new_tokens)
+
+    def _gen_batch_size(self) -> int:
+        cfg = self.cfg
+        windows_batch = max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // (cfg.stage2_prompt_len + cfg.stage2_new_tokens))
+        return cfg.stage2_gen_batch_size or 4 * windows_batch
+
+    def _generate_windows(self, count: int) -> torch.Tensor:
+        prompts, gc, gen_bs, rows = self._window_prompts(count), self._generation_config(), self._gen_batch_size(), []
+        for s in range(0, count, gen_bs):
+            batch = prompts[s : s + gen_bs].to(self.device)
+            gen = self.teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=gc,
+                                        synced_gpus=self.synced_gpus)
+            rows.append(gen[:, : self.row_len].cpu())
+        return torch.cat(rows)
+
+    def _generate_chat(self, count: int) -> torch.Tensor:
+        """Answers to batches of prompts until every rank has `count` packed rows (every rank generates as often)."""
+        gc, gen_bs, eos = self._generation_config(), self._gen_batch_size(), set(self.eos_ids or [])
+        stream: list[int] = []
+        while not self.all_ranks(len(stream) >= count * self.row_len):
+            prompts = self._chat_prompts(gen_bs)
+            ids, mask = left_pad(prompts, self.pad_id)
+            gen = self.teacher.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        generation_config=gc, synced_gpus=self.synced_gpus)
+            for prompt, answer in zip(prompts, gen[:, ids.size(1) :].tolist()):
+                cut = next((j + 1 for j, tok in enumerate(answer) if tok in eos), len(answer))
+                stream.extend(prompt)
+                stream.extend(answer[:cut])
+        return torch.tensor(stream[: count * self.row_len], dtype=torch.long).view(count, self.row_len)
+
     @torch.no_grad()
     def refresh(self) -> None:
         cfg = self.cfg
         count = cfg.stage2_pool_steps * cfg.grad_accum * self.batch_size
-        prompts = self._prompts(count)
-        sample = cfg.stage2_temperature > 0
-        gc = _generation_config(cfg.stage2_new_tokens, self.pad_id, self.eos_ids, sample=sample,
-                                temperature=cfg.stage2_temperature, top_k=cfg.stage2_top_k, top_p=cfg.stage2_top_p,
-                                min_new_tokens=cfg.stage2_new_tokens)
-        gen_bs = cfg.stage2_gen_batch_size or 4 * self.batch_size
         devices = [self.device] if self.device.type == "cuda" else []
-        rows = []
         with torch.random.fork_rng(devices=devices):
             # Seeded per refresh and rank: sampling does not disturb the run's RNG, and reruns are reproducible.
             torch.manual_seed(cfg.seed * 1_000_003 + self.refreshes * 1009 + self.rank)
-            for s in range(0, count, gen_bs):
-                batch = prompts[s : s + gen_bs].to(self.device)
-                gen = self.teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=gc,
-                                            synced_gpus=self.synced_gpus)
-                rows.append(gen[:, : self.row_len].cpu())
-        self.rows = torch.cat(rows)
+            self.rows = self._generate_chat(count) if self.chat else self._generate_windows(count)
         self.cursor = 0
         self.epoch = 0
         self.refreshes += 1
@@ -146,8 +205,10 @@ class Stage2Pool:
         return batch
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "cursor": self.cursor, "refreshes": self.refreshes, "epoch": self.epoch}
+        return {"rows": self.rows, "cursor": self.cursor, "refreshes": self.refreshes, "epoch": self.epoch,
+                "prompt_cursor": self.prompt_cursor, "prompt_epoch": self.prompt_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows, self.cursor, self.refreshes = state["rows"], state["cursor"], state["refreshes"]
         self.epoch = state.get("epoch", 0)
+        self.prompt_cursor, self.prompt_epoch = state.get("prompt_cursor", 0), state.get("prompt_epoch", 0)

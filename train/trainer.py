@@ -108,8 +108,11 @@ class Trainer:
         self.train_batches = ShardedBatches(train_ds, cfg.batch_size, rank, world, cfg.seed)
         self.stage2 = None
         if cfg.stage2_start_step is not None:
+            chat_prompts = train_ds.prompts[rank::world] if train_ds.prompts else None
+            if chat_prompts is not None:
+                self.print(f"[stage 2] {len(train_ds.prompts)} chat prompts (first user turns of the training records)")
             self.stage2 = Stage2Pool(cfg, self.teacher, self.train_batches, acc.device, self.pad_id, self.eos, rank,
-                                     synced_gpus=self.par.shard_target)
+                                     synced_gpus=self.par.shard_target, prompts=chat_prompts, all_ranks=self._all_ranks)
         per_rank = len(eval_ds) // world
         self.eval_rows = torch.stack([eval_ds[i] for i in range(rank, per_rank * world, world)]) if per_rank else torch.empty(0, cfg.seq_len + n + 1, dtype=torch.long)
         k = min(cfg.eval_gen_prompts, len(eval_prompts)) // world
