@@ -55,7 +55,7 @@ phase() {
       # Exit status 124 (the timeout) just means "not done yet": the last checkpoint is complete, run again.
       local status=0
       timeout "${TRAIN_TIMEOUT:-100000}" accelerate launch --config_file recipes/accelerate/single-gpu.yaml train/distill.py \
-        $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep -v -E "$QUIET" | stamp \
+        $TRAIN_ARGS --output_dir "$RUN" --resume auto --progress_bar false ${2:+--max_steps $2} 2>&1 | grep --line-buffered -v -E "$QUIET" | stamp \
         || status=$?
       cp "$RUN"/train_log.jsonl "$RUN"/eval.json "$RUN"/acceptance.png "$RUN"/recipe.yaml "$RESULTS"/ 2>/dev/null || true
       return $status ;;
