@@ -435,7 +435,9 @@ class LLMEngine:
         for B in [b for b in self.batch_buckets if b <= top]:
             for shape in self.shapes:
                 last = bucket_for(min(max_len + shape.n_nodes, self.cache_len), self.seq_buckets)
-                for S in [s for s in self.seq_buckets if s <= last]:
+                # A real step has at least one token of context before the tree: smaller buckets cannot hold it.
+                first = bucket_for(min(1 + shape.n_nodes, self.cache_len), self.seq_buckets)
+                for S in [s for s in self.seq_buckets if first <= s <= last]:
                     for mode in modes:
                         saved = self.state.save()
                         self.graphs.run((B, S, shape, mode), lambda B=B, S=S, shape=shape, mode=mode: self._step(B, S, shape, mode))

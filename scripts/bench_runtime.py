@@ -43,6 +43,7 @@ from speculators.infer import SamplingParams  # noqa: E402
 from speculators.infer.drafter import DraftModelDrafter, MLPDrafter, tree_for_heads  # noqa: E402
 from speculators.infer.engine import LLMEngine  # noqa: E402
 from speculators.infer.model import ModelArgs, random_model  # noqa: E402
+from speculators.tree import parse_tree_spec  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs the same code on a CPU (a smoke test of the script with the tiny preset)
 
@@ -84,6 +85,8 @@ def load_target(spec: str, dtype, device, max_model_len):
 def tokenizer_for(path: str | None):
     if not path or path in PRESETS or not Path(path).is_dir():
         return None
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None  # a config-only directory: transformers 5 would build an empty tokenizer from it
     from transformers import AutoTokenizer
 
     try:
@@ -148,7 +151,7 @@ def make_drafter(args, target, config, dtype, device, max_model_len):
 
         check_compatible(heads.config, SimpleNamespace(config=config))
     heads = heads.eval().requires_grad_(False)
-    top_k, n = tree_for_heads(heads.config, None, None, None)
+    top_k, n = tree_for_heads(heads.config, None, *(parse_tree_spec(args.tree) if args.tree else (None, None)))
     return MLPDrafter(heads, top_k, n), f"mlp_speculator {args.heads} tree {top_k} x{n}"
 
 
@@ -399,6 +402,7 @@ def main() -> int:
     b.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 16, 64])
     b.add_argument("--batch-tokens", type=int, default=128)
     b.add_argument("--no-adaptive", action="store_true", help="(b): always run the full tree")
+    b.add_argument("--tree", help="heads: another candidate tree than their config's, TOP_K,...xN (e.g. 10,6,4,3x32)")
     for p in (a, b):
         p.add_argument("--json", help="write the results here")
         p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)

@@ -266,6 +266,28 @@ def test_warmup_runs_every_step_shape_and_changes_no_output():
         warmed.warmup()
 
 
+def test_warmup_skips_sequence_buckets_a_wide_tree_cannot_fit():
+    """A tree of more verified tokens than the smallest sequence bucket (here 129 > 128) cannot run at that bucket:
+    warm-up captured it anyway and wrote the tree's cache slots past the bucket (a device-side assert on the H100,
+    2026-11-25). It warms only the buckets a real step can use, and decoding with the tree matches plain greedy."""
+    _, d = target("llama")
+    heads = heads_dir(128, 32, n_predict=4)
+    spec = {"model": heads, "method": "mlp_speculator", "top_k_tokens_per_head": [10, 6, 4, 3], "n_candidates": 32,
+            "adaptive": False}
+    llm = LLM(d, device=DEVICE, dtype="float64", max_model_len=400, max_num_seqs=2, speculative_config=spec)
+    tree = next(s for s in llm.engine.shapes if s.n_nodes == 129)
+    calls = []
+    step = llm.engine._step
+    llm.engine._step = lambda B, S, shape, mode: (calls.append((B, S, shape.n_nodes)), step(B, S, shape, mode))[1]
+    llm.warmup(max_len=200, max_batch=1)
+    assert (1, 256, 129) in calls and all(S > n for _, S, n in calls)
+    llm.engine._step = step
+    plain = LLM(d, device=DEVICE, dtype="float64", max_model_len=400, max_num_seqs=2)
+    want = plain.generate([PROMPT], greedy(40), use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate([PROMPT], greedy(40), use_tqdm=False)[0].outputs[0].token_ids == want
+    assert set(llm.engine.stats["shapes"]) == {tree.name}
+
+
 @pytest.mark.parametrize("spec_name", ["plain", "draft_self"])
 def test_async_scheduling_changes_no_output(spec_name):
     """Launching step t + 1 before reading step t (the default) gives what reading every step first gives, with
