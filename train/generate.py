@@ -36,6 +36,11 @@ def _generation_config(max_new_tokens: int, pad_id: int, eos_ids, *, sample: boo
     )
 
 
+def cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """tokens up to and including the first EOS (all of them when there is none)."""
+    return tokens[: next((j + 1 for j, tok in enumerate(tokens) if tok in eos), len(tokens))]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
@@ -62,9 +67,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     for s in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[s : s + batch_size], pad_id)
         gen = generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc, synced_gpus=synced_gpus)
-        for row in gen[:, ids.size(1) :].tolist():
-            cut = next((j + 1 for j, tok in enumerate(row) if tok in eos), len(row))
-            out.append(row[:cut])
+        out.extend(cut_after_eos(row, eos) for row in gen[:, ids.size(1) :].tolist())
     return out
 
 
@@ -165,9 +168,8 @@ class Stage2Pool:
             gen = self.teacher.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                         generation_config=gc, synced_gpus=self.synced_gpus)
             for prompt, answer in zip(prompts, gen[:, ids.size(1) :].tolist()):
-                cut = next((j + 1 for j, tok in enumerate(answer) if tok in eos), len(answer))
                 stream.extend(prompt)
-                stream.extend(answer[:cut])
+                stream.extend(cut_after_eos(answer, eos))
         return torch.tensor(stream[: count * self.row_len], dtype=torch.long).view(count, self.row_len)
 
     @torch.no_grad()
