@@ -106,10 +106,14 @@ class Stage2Pool:
         cfg = self.cfg
         return cfg.seq_len + cfg.n_predict + 1 if self.chat else cfg.stage2_prompt_len + cfg.stage2_new_tokens
 
+    def _rows_per_step(self, row_len: int) -> int:
+        """Rows of `row_len` tokens that hold as many tokens as a stage-1 batch."""
+        cfg = self.cfg
+        return max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // row_len)
+
     @property
     def batch_size(self) -> int:
-        cfg = self.cfg
-        return cfg.stage2_batch_size or max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // self.row_len)
+        return self.cfg.stage2_batch_size or self._rows_per_step(self.row_len)
 
     def _window_prompts(self, count: int) -> torch.Tensor:
         P, out, have = self.cfg.stage2_prompt_len, [], 0
@@ -145,9 +149,10 @@ class Stage2Pool:
                                   min_new_tokens=0 if self.chat else cfg.stage2_new_tokens)
 
     def _gen_batch_size(self) -> int:
+        """Prompts per generate call: the recipe's, else 4 stage-2 batches (chat: of prompt + answer-sized rows)."""
         cfg = self.cfg
-        windows_batch = max(1, cfg.batch_size * (cfg.seq_len + cfg.n_predict + 1) // (cfg.stage2_prompt_len + cfg.stage2_new_tokens))
-        return cfg.stage2_gen_batch_size or 4 * windows_batch
+        per_step = self._rows_per_step(cfg.stage2_prompt_len + cfg.stage2_new_tokens) if self.chat else self.batch_size
+        return cfg.stage2_gen_batch_size or 4 * per_step
 
     def _generate_windows(self, count: int) -> torch.Tensor:
         prompts, gc, gen_bs, rows = self._window_prompts(count), self._generation_config(), self._gen_batch_size(), []
